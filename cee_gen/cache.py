@@ -1,0 +1,44 @@
+"""Preallocated KV cache with explicit per-layer fill lengths.
+
+One K and one V tensor per layer, (B, H_kv, S, hd), written by slot index (gpt-fast `KVCache`). One
+tensor per layer rather than one shared tensor sliced by layer: a shared tensor made the compiled
+decode step 2.5x slower (shared/reference/default_model_profile.md).
+
+`filled[i]` says how many slots layer i holds. It is tracked explicitly, never inferred from non-zero
+entries: when a token exits early, the deeper layers' entries for it are written by a KV fill, not by
+the layer itself, and a zero-scan would miscount them (HF `StaticLayer.get_seq_length` would).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cee_gen.model import ModelArgs
+
+
+class StaticKVCache:
+    def __init__(self, args: ModelArgs, batch: int, n_slots: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch, args.n_kv_heads, n_slots, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.filled = [0] * args.n_layers  # host-side ints: no device sync to read them
+        self.batch, self.n_slots = batch, n_slots
+
+    def advance(self, lo: int, hi: int, n: int) -> None:
+        """Record that layers [lo, hi) now hold n more slots."""
+        for i in range(lo, hi):
+            self.filled[i] += n
+            assert self.filled[i] <= self.n_slots, "KV cache overflow"
+
+    def reset(self) -> None:
+        self.filled = [0] * len(self.filled)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def cache_slots(n_tokens: int, multiple: int = 64) -> int:
+    """Cache length for n_tokens, rounded up so a compiled step sees few distinct shapes."""
+    return -(-n_tokens // multiple) * multiple

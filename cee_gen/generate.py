@@ -1,0 +1,155 @@
+"""The public `generate()` API: text in, text + token ids + statistics out.
+
+    import cee_gen
+    model = cee_gen.load_model()                    # the embedded SmolLM2-135M-Instruct
+    [r] = cee_gen.generate(model, "Give three tips for staying healthy.", max_new_tokens=64)
+    print(r.text, r.stats["decode_tokens_per_s"])
+
+Prompts are tokenized (through the chat template when the tokenizer has one, unless chat=False),
+split into batches of `batch_size`, left-padded and decoded by engine.generate_batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cee_gen.config import GenerationConfig
+from cee_gen.engine import Decoder, generate_batch
+from cee_gen.errors import CeeGenError
+from cee_gen.loading import Model
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]  # generated ids only (EOS included when the model emitted it)
+    prompt_token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    stats: dict = field(default_factory=dict)
+
+
+def encode_prompt(model: Model, prompt: str, chat: bool | None) -> list[int]:
+    tok = model.tokenizer
+    use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
+    if use_chat:
+        if not getattr(tok, "chat_template", None):
+            raise CeeGenError(f"{model.name} has no chat template: pass chat=False (--raw) to feed "
+                              "the prompt as plain text")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}],
+                                       add_generation_prompt=True, tokenize=False)
+        return tok(text, add_special_tokens=False)["input_ids"]
+    return tok(prompt)["input_ids"]
+
+
+def _decoder(model: Model, compile: bool) -> Decoder:
+    dec = model.decoders.get(compile)
+    if dec is None:
+        dec = model.decoders[compile] = Decoder(model.net, compile=compile)
+    return dec
+
+
+class _TextTracker:
+    """Incremental detokenization per row, for stop strings and streaming."""
+
+    def __init__(self, model: Model, n: int, stop: list[str] | None,
+                 stream: Callable[[int, str], None] | None, offset: int):
+        self.tok, self.stop, self.stream, self.offset = model.tokenizer, stop or [], stream, offset
+        self.ids = [[] for _ in range(n)]
+        self.emitted = [""] * n
+
+    def text(self, b: int) -> str:
+        return self.tok.decode(self.ids[b], skip_special_tokens=True)
+
+    def __call__(self, b: int, token_id: int) -> bool:
+        self.ids[b].append(token_id)
+        if not self.stop and self.stream is None:
+            return False
+        text = self.text(b)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            text = text[:cut]
+        if self.stream is not None and not text.endswith("\ufffd"):  # wait for whole characters
+            delta = text[len(self.emitted[b]):]
+            if delta:
+                self.stream(self.offset + b, delta)
+                self.emitted[b] = text
+        return cut >= 0
+
+
+def generate(
+    model: Model,
+    prompts: str | list[str],
+    *,
+    config: GenerationConfig | None = None,
+    stream: Callable[[int, str], None] | None = None,
+    **kwargs,
+) -> list[GenerationResult]:
+    """Generate a continuation for each prompt; returns one result per prompt, in order.
+
+    Options are the fields of `GenerationConfig` (max_new_tokens, do_sample, temperature, top_k,
+    top_p, repetition_penalty, seed, chat, stop, batch_size, compile), given as keywords or as
+    `config=`. `stream(prompt_index, text_delta)` is called as text is produced.
+    """
+    if config is not None and kwargs:
+        config = GenerationConfig.from_kwargs(**{**config.__dict__, **kwargs})
+    cfg = (config or GenerationConfig.from_kwargs(**kwargs)).validate()
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise CeeGenError("no prompts given: pass a string or a non-empty list of strings")
+    if not all(isinstance(p, str) for p in prompts):
+        raise CeeGenError("every prompt must be a string")
+
+    ctx = model.args.max_position_embeddings
+    encoded = []
+    for i, p in enumerate(prompts):
+        ids = encode_prompt(model, p, cfg.chat)
+        if not ids:
+            raise CeeGenError(f"prompt {i} is empty after tokenization: give some text")
+        if len(ids) >= ctx:
+            raise CeeGenError(f"prompt {i} is {len(ids)} tokens but {model.name}'s context is {ctx}: "
+                              f"shorten it to at most {ctx - 1} tokens")
+        encoded.append(ids)
+
+    generator = None
+    if cfg.do_sample:
+        generator = torch.Generator(device=model.device)
+        generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    decoder = _decoder(model, cfg.compile)
+    results: list[GenerationResult] = []
+    for start in range(0, len(encoded), cfg.batch_size):
+        batch = encoded[start:start + cfg.batch_size]
+        tracker = _TextTracker(model, len(batch), cfg.stop, stream, start)
+        rows, t = generate_batch(decoder, batch, cfg, pad_id=model.pad_token_id,
+                                 eos_ids=model.eos_token_ids, generator=generator,
+                                 on_token=tracker)
+        for b, row in enumerate(rows):
+            text = tracker.text(b)
+            for s in cfg.stop or []:
+                if s in text:
+                    text = text[:text.find(s)]
+            n = len(row.token_ids)
+            total = t.prefill_s + t.decode_s
+            results.append(GenerationResult(
+                text=text,
+                token_ids=row.token_ids,
+                prompt_token_ids=batch[b],
+                finish_reason=row.finish_reason,
+                stats={
+                    "prompt_tokens": len(batch[b]),
+                    "generated_tokens": n,
+                    "batch_size": len(batch),
+                    "prefill_s": t.prefill_s,
+                    "decode_s": t.decode_s,
+                    "compile_s": t.compile_s,
+                    "tokens_per_s": n / total if total > 0 else 0.0,
+                    "decode_tokens_per_s": (n - 1) / t.decode_s if n > 1 and t.decode_s > 0 else 0.0,
+                    "n_layers": model.n_layers,
+                    "layers_per_token": row.layers_per_token,
+                    "mean_layers": sum(row.layers_per_token) / max(n, 1),
+                },
+            ))
+    return results

@@ -1,0 +1,230 @@
+"""Load a LLaMA-family checkpoint into our `Transformer`.
+
+Sources: a local HF checkpoint folder (safetensors or .bin shards), a `.gguf` file (converted once to
+safetensors in the cache, see default_model.py), a hub id (when a hub is reachable), or None for the
+embedded default model. HF transformers supplies the config and the tokenizer; the weights are read
+with safetensors and renamed into our fused layout (q|k|v -> wqkv, gate|up -> w13).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cee_gen.config import LoadConfig
+from cee_gen.errors import CeeGenError, ModelLoadError
+from cee_gen.model import ModelArgs, Transformer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Model:
+    """A loaded model: our network, its tokenizer and where it came from."""
+
+    net: Transformer
+    tokenizer: object
+    args: ModelArgs
+    name: str
+    path: Path
+    eos_token_ids: list[int]
+    pad_token_id: int
+    meta: dict = field(default_factory=dict)
+    decoders: dict = field(default_factory=dict, repr=False)  # compile flag -> engine.Decoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.net.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.net.tok_embeddings.weight.dtype
+
+    @property
+    def n_layers(self) -> int:
+        return self.args.n_layers
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise CeeGenError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CeeGenError(f"device {device!r} asked for, but this machine has no usable CUDA GPU: "
+                          "use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise CeeGenError(f"device type {dev.type!r} is not supported: use cpu or cuda")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise CeeGenError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return _DTYPES[dtype]
+
+
+def resolve_checkpoint(name_or_path: str | None) -> Path:
+    """A local HF folder for the requested model, fetching/converting it once if needed."""
+    if name_or_path is None:
+        from cee_gen.default_model import ensure_default_model
+
+        return ensure_default_model()
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelLoadError(f"{p} has no config.json: pass a Hugging Face checkpoint folder "
+                                 "(config.json + *.safetensors + tokenizer files) or a .gguf file")
+        return p
+    if p.is_file():
+        if p.suffix == ".gguf":
+            from cee_gen.default_model import ensure_converted_gguf
+
+            return ensure_converted_gguf(p)
+        raise ModelLoadError(f"{p} is a file but not a .gguf: pass a checkpoint folder or a .gguf file")
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_local:
+        raise ModelLoadError(f"model path {name_or_path!r} does not exist: pass an existing "
+                             "checkpoint folder or .gguf file, or omit --model for the default model")
+    return _download_from_hub(name_or_path)
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all one message for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub ({msg}): "
+                             "check the name and the network, or pass a local folder") from None
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        sd = {}
+        for f in files:
+            try:
+                sd.update(load_file(f))
+            except Exception as e:
+                raise ModelLoadError(f"cannot read weights {f} ({e}): the file is damaged or "
+                                     "incomplete; re-download or re-convert it") from None
+        return sd
+    files = sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors or pytorch_model*.bin weights in {path}")
+    sd = {}
+    for f in files:
+        try:
+            sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read weights {f} ({e}): the file is damaged") from None
+    return sd
+
+
+def convert_hf_state_dict(sd: dict[str, torch.Tensor], a: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM names -> ours, fusing q|k|v into wqkv and gate|up into w13."""
+    sd = {re.sub(r"^model\.", "", k): v for k, v in sd.items()}
+    out = {"tok_embeddings.weight": sd.pop("embed_tokens.weight"), "norm.weight": sd.pop("norm.weight")}
+    if "lm_head.weight" in sd and not a.tie_word_embeddings:
+        out["output.weight"] = sd.pop("lm_head.weight")
+    for i in range(a.n_layers):
+        p = q = f"layers.{i}."
+        at, mlp = p + "self_attn.", p + "mlp."
+        out[q + "attention.wqkv.weight"] = torch.cat(
+            [sd.pop(at + f"{n}_proj.weight") for n in "qkv"])
+        if a.qkv_bias:
+            out[q + "attention.wqkv.bias"] = torch.cat([sd.pop(at + f"{n}_proj.bias") for n in "qkv"])
+        out[q + "attention.wo.weight"] = sd.pop(at + "o_proj.weight")
+        if a.o_bias:
+            out[q + "attention.wo.bias"] = sd.pop(at + "o_proj.bias")
+        out[q + "feed_forward.w13.weight"] = torch.cat(
+            [sd.pop(mlp + "gate_proj.weight"), sd.pop(mlp + "up_proj.weight")])
+        out[q + "feed_forward.w2.weight"] = sd.pop(mlp + "down_proj.weight")
+        if a.mlp_bias:
+            out[q + "feed_forward.w13.bias"] = torch.cat(
+                [sd.pop(mlp + "gate_proj.bias"), sd.pop(mlp + "up_proj.bias")])
+            out[q + "feed_forward.w2.bias"] = sd.pop(mlp + "down_proj.bias")
+        out[q + "attention_norm.weight"] = sd.pop(p + "input_layernorm.weight")
+        out[q + "ffn_norm.weight"] = sd.pop(p + "post_attention_layernorm.weight")
+    return out
+
+
+def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                      device: torch.device) -> Transformer:
+    with torch.device("meta"):
+        net = Transformer(args)
+    try:
+        sd = convert_hf_state_dict(hf_sd, args)
+    except KeyError as e:
+        raise ModelLoadError(f"checkpoint is missing weight {e.args[0]!r}: it is incomplete or not a "
+                             "LLaMA-family model") from None
+    sd = {k: v.to(dtype) for k, v in sd.items()}
+    missing, unexpected = net.load_state_dict(sd, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "output.weight" and args.tie_word_embeddings)]
+    if missing or unexpected:
+        raise ModelLoadError(f"checkpoint does not match the config: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}")
+    if args.tie_word_embeddings:
+        net.output.weight = net.tok_embeddings.weight
+    # RoPE tables are not in the checkpoint: recompute them for real (they were built on meta).
+    from cee_gen.model import rope_tables
+
+    net.rope_cos, net.rope_sin = rope_tables(args, args.max_position_embeddings)
+    return net.to(device).eval().requires_grad_(False)
+
+
+def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
+               device: str = "auto") -> Model:
+    """Load a model: None = the embedded default model (SmolLM2-135M-Instruct)."""
+    LoadConfig(model=name_or_path, dtype=dtype, device=device).validate()
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    path = resolve_checkpoint(name_or_path)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        hf_cfg = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'} ({e})") from None
+    args = ModelArgs.from_hf_config(hf_cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {path} ({e}): the folder needs "
+                             "tokenizer.json or tokenizer.model") from None
+    net = build_transformer(args, _read_state_dict(path), dt, dev)
+
+    eos = _eos_ids(path, hf_cfg, tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
+    name = name_or_path or "SmolLM2-135M-Instruct"
+    return Model(net=net, tokenizer=tok, args=args, name=str(name), path=path, eos_token_ids=eos,
+                 pad_token_id=pad, meta={"config": hf_cfg.to_dict()})
+
+
+def _eos_ids(path: Path, hf_cfg, tok) -> list[int]:
+    """EOS ids as HF generate would use them: generation_config.json first, then config, tokenizer."""
+    ids = None
+    gc = path / "generation_config.json"
+    if gc.is_file():
+        ids = json.loads(gc.read_text()).get("eos_token_id")
+    if ids is None:
+        ids = getattr(hf_cfg, "eos_token_id", None)
+    if ids is None:
+        ids = tok.eos_token_id
+    if ids is None:
+        return []
+    return [ids] if isinstance(ids, int) else list(ids)

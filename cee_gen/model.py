@@ -1,0 +1,233 @@
+"""A LLaMA-family decoder whose layer loop we own.
+
+Written in the manner of gpt-fast (pytorch-labs/gpt-fast `model.py`): a `ModelArgs` dataclass built
+from the HF config, fused `wqkv` and gate/up (`w13`) projections, a static KV cache written by index,
+and RoPE tables computed once. Like gpt-fast's LayerSkip branch, early exit needs no `if exit:` flags
+in the blocks: `forward_layers(h, lo, hi, step, cache)` runs an explicit layer range, so a caller can
+run layers [0, k), look at the hidden state, and go on or stop.
+
+Supported: RMSNorm, RoPE (default, linear and llama3 scaling), MHA and GQA, SwiGLU MLP, tied or untied
+LM head, optional q/k/v (and o) bias as in Qwen2. Numerics follow HF `LlamaForCausalLM` (RMSNorm in
+fp32, rotate-half RoPE layout), which tests/test_model_parity.py checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cee_gen.errors import CeeGenError
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF `rope_parameters` minus theta; None = default RoPE
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> ModelArgs:
+        """Build from a transformers `PretrainedConfig` of the LLaMA family (llama, qwen2, mistral...)."""
+        n_heads = cfg.num_attention_heads
+        rope = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+        theta = rope.pop("rope_theta", getattr(cfg, "rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise CeeGenError(f"RoPE scaling {rope_type!r} is not supported: cee-gen supports "
+                              "default, linear and llama3")
+        qwen_style = cfg.model_type == "qwen2"
+        attn_bias = bool(getattr(cfg, "attention_bias", False))
+        return cls(
+            vocab_size=cfg.vocab_size,
+            dim=cfg.hidden_size,
+            n_layers=cfg.num_hidden_layers,
+            n_heads=n_heads,
+            n_kv_heads=getattr(cfg, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads,
+            intermediate_size=cfg.intermediate_size,
+            norm_eps=cfg.rms_norm_eps,
+            rope_theta=float(theta),
+            rope_scaling=None if rope_type == "default" else rope,
+            max_position_embeddings=cfg.max_position_embeddings,
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=qwen_style or attn_bias,
+            o_bias=attn_bias and not qwen_style,
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling as the HF config says."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv.float()
+    kind = s.get("rope_type", s.get("type"))
+    if kind == "linear":
+        return (inv / s["factor"]).float()
+    # llama3 (Llama 3.1): long wavelengths scaled by `factor`, short kept, smooth blend between.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+def rope_tables(args: ModelArgs, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables (n_pos, head_dim) in fp32, rotate-half layout (HF convention)."""
+    t = torch.arange(n_pos, dtype=torch.float32)
+    freqs = torch.outer(t, rope_inv_freq(args))  # (n_pos, hd/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (n_pos, hd)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, H, hd); cos/sin: (B, T, 1, hd), already in x's dtype
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class Step:
+    """What every layer of one forward step shares, computed once per step (not once per layer)."""
+
+    input_pos: torch.Tensor  # (T,) cache slots written by this step
+    cos: torch.Tensor  # (B, T, 1, hd)
+    sin: torch.Tensor  # (B, T, 1, hd)
+    mask: torch.Tensor  # (B, 1, T, S) bool: which cache slots each query may attend to
+    kv_len: int | None  # attend to cache slots [0, kv_len); None = the whole cache
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # In fp32, then back, as HF LlamaRMSNorm does: low-precision variance is visibly off.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_size, self.kv_size = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        self.wqkv = nn.Linear(a.dim, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
+        self.wo = nn.Linear(self.q_size, a.dim, bias=a.o_bias)
+
+    def forward(self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), step.cos, step.sin)
+        k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        # caches: (B, H_kv, S, hd), written by slot index, never grown with torch.cat
+        k_cache.index_copy_(2, step.input_pos, k.transpose(1, 2))
+        v_cache.index_copy_(2, step.input_pos, v.transpose(1, 2))
+        S = step.kv_len if step.kv_len is not None else k_cache.shape[2]
+        y = F.scaled_dot_product_attention(
+            q.transpose(1, 2),  # (B, H, T, hd)
+            k_cache[:, :, :S],
+            v_cache[:, :, :S],
+            attn_mask=step.mask[..., :S],
+            enable_gqa=self.n_heads != self.n_kv_heads,
+        )  # (B, H, T, hd)
+        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.inter = a.intermediate_size
+        self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate | up
+        self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.inter, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, h, step: Step, k_cache, v_cache):
+        h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.args = a
+        self.tok_embeddings = nn.Embedding(a.vocab_size, a.dim)
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps)
+        self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
+        if a.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        cos, sin = rope_tables(a, a.max_position_embeddings)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (P, hd) fp32
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
+
+    def forward_layers(self, h: torch.Tensor, lo: int, hi: int, step: Step, cache) -> torch.Tensor:
+        """Run layers [lo, hi) on hidden states h (B, T, D); writes those layers' KV into `cache`."""
+        for i in range(lo, hi):
+            h = self.layers[i](h, step, cache.k[i], cache.v[i])
+        return h
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head: (B, T, D) -> (B, T, V) logits."""
+        return self.output(self.norm(h))
+
+    def make_step(self, input_pos: torch.Tensor, pad: torch.Tensor, n_slots: int,
+                  kv_len: int | None = None) -> Step:
+        """Positions, RoPE and mask for queries at cache slots `input_pos` (T,).
+
+        Rows are left-padded: row b's real tokens start at slot pad[b] (B,), so its RoPE position is
+        slot - pad[b] and it may attend to slots pad[b]..slot. A padding query attends to itself
+        only, which keeps its (unused) values finite.
+        """
+        pos = (input_pos[None, :] - pad[:, None]).clamp_(min=0)  # (B, T)
+        dt = self.tok_embeddings.weight.dtype
+        cos = self.rope_cos[pos].to(dt)[:, :, None, :]  # (B, T, 1, hd)
+        sin = self.rope_sin[pos].to(dt)[:, :, None, :]
+        keys = torch.arange(n_slots, device=input_pos.device)  # (S,)
+        q = input_pos[:, None]  # (T, 1)
+        mask = ((keys[None, None, :] >= pad[:, None, None]) & (keys <= q)) | (keys == q)  # (B, T, S)
+        return Step(input_pos, cos, sin, mask[:, None], kv_len)
+
+    def forward(self, tokens: torch.Tensor, step: Step, cache) -> torch.Tensor:
+        """Full depth: tokens (B, T) -> logits (B, T, V)."""
+        return self.head(self.forward_layers(self.embed(tokens), 0, self.args.n_layers, step, cache))

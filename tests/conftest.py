@@ -1,0 +1,94 @@
+"""Shared fixtures: tiny random-weight LLaMA checkpoints made on the spot (no hub, no network).
+
+A tiny model (2-3 layers, hidden 64) with its own byte-level BPE tokenizer is saved as an ordinary HF
+checkpoint folder, so the whole path a user takes (load_model -> generate -> CLI) runs in
+milliseconds. Weights use a large init range so logits are peaked: with near-uniform logits, greedy
+comparisons would hinge on float rounding instead of on behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "give three tips for staying healthy: eat well, sleep, exercise",
+    "early exit lets easy tokens leave the network after a few layers",
+    "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9",
+] * 20
+
+
+def make_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<pad>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<pad>")
+    if chat_template:
+        fast.chat_template = chat_template
+    return fast
+
+
+def make_tiny_checkpoint(path, *, n_layers=3, n_heads=4, n_kv_heads=2, tie=True, rope_scaling=None,
+                         chat_template=CHAT_TEMPLATE, seed=0, max_pos=256):
+    """Save a random LlamaForCausalLM + tokenizer as an HF checkpoint folder; returns the HF model."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer(chat_template)
+    cfg = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_pos,
+        tie_word_embeddings=tie, rope_scaling=rope_scaling, initializer_range=0.25,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights, so a missed norm shows up in the logits
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    make_tiny_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir):
+    import cee_gen
+
+    return cee_gen.load_model(str(tiny_dir), dtype="float32", device="cpu")
+
+
+def default_model_available() -> bool:
+    """The default model is used when it is in the cache or can be fetched (CI fetches it once)."""
+    return os.environ.get("CEE_GEN_SKIP_DEFAULT_MODEL") != "1"
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    if not default_model_available():
+        pytest.skip("CEE_GEN_SKIP_DEFAULT_MODEL=1: tests on the real default model are switched off")
+    import cee_gen
+
+    return cee_gen.load_model(None, dtype="float32", device="cpu")

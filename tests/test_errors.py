@@ -1,0 +1,88 @@
+"""Bad input gets a one-line CeeGenError (a ValueError) naming the problem and the fix."""
+
+import pytest
+
+import cee_gen
+from cee_gen.errors import CeeGenError, ModelLoadError
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(do_sample=True, temperature=-1.0), "temperature"),
+    (dict(top_k=-3), "top_k"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(stop="x"), "stop"),
+    (dict(no_such_option=1), "unknown generation option"),
+])
+def test_invalid_generation_options_raise_clear_value_errors(tiny_model, kwargs, words):
+    with pytest.raises(ValueError, match=words) as e:
+        cee_gen.generate(tiny_model, "hi", **kwargs)
+    assert isinstance(e.value, CeeGenError) and "\n" not in str(e.value)
+
+
+def test_empty_prompt_list_is_rejected(tiny_model):
+    with pytest.raises(CeeGenError, match="no prompts"):
+        cee_gen.generate(tiny_model, [])
+
+
+def test_prompt_longer_than_context_is_rejected_with_its_length(tiny_dir, tmp_path):
+    from conftest import make_tiny_checkpoint
+
+    make_tiny_checkpoint(tmp_path, max_pos=32)
+    m = cee_gen.load_model(str(tmp_path), dtype="float32", device="cpu")
+    with pytest.raises(CeeGenError, match="context is 32: shorten it"):
+        cee_gen.generate(m, "a b c d e f g h i j k l m n o p q r s t u v w x y z", chat=False)
+
+
+def test_missing_model_path_names_the_path(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        cee_gen.load_model(str(tmp_path / "nope"))
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        cee_gen.load_model(str(tmp_path))
+
+
+def test_truncated_weights_file_is_a_clear_error(tiny_dir, tmp_path):
+    import shutil
+
+    for f in tiny_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="damaged or incomplete"):
+        cee_gen.load_model(str(tmp_path), device="cpu")
+
+
+def test_missing_weight_is_named(tiny_dir, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    for f in tiny_dir.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    sd = load_file(tmp_path / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="up_proj"):
+        cee_gen.load_model(str(tmp_path), device="cpu")
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(dtype="float8"), "unknown dtype"),
+    (dict(device="tpu"), "device"),
+    (dict(device="cuda:0"), "no usable CUDA GPU"),
+])
+def test_bad_dtype_or_device_is_rejected(tiny_dir, kwargs, words):
+    import torch
+
+    if kwargs.get("device") == "cuda:0" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU, so asking for cuda:0 is valid")
+    with pytest.raises(CeeGenError, match=words):
+        cee_gen.load_model(str(tiny_dir), **kwargs)
