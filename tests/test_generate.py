@@ -16,7 +16,7 @@ PROMPTS = [
 
 DEFAULT_PROMPTS = [
     "Give three tips for staying healthy.",
-    "What is the capital of France?",
+    "What is the capital of France, and what is it famous for?",
     "Write a haiku about autumn leaves falling in a quiet forest at dusk.",
     "Explain in one paragraph why the sky is blue, for a ten-year-old who loves asking questions "
     "about nature and science, and who has just come back from a long walk on a sunny day.",
