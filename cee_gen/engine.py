@@ -38,9 +38,9 @@ class BatchTimings:
 
 
 def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, input_pos: torch.Tensor,
-                 pad: torch.Tensor, kv_len: int | None) -> torch.Tensor:
+                 pad: torch.Tensor, kv_len: int | None, gemv: bool = False) -> torch.Tensor:
     """One token per row at cache slot input_pos (1,): tok (B, 1) -> logits (B, V) fp32."""
-    step = net.make_step(input_pos, pad, cache.n_slots, kv_len)
+    step = net.make_step(input_pos, pad, cache.n_slots, kv_len, gemv)
     return net(tok, step, cache)[:, -1].float()
 
 
@@ -68,11 +68,11 @@ class Decoder:
         key = (tuple(tok.shape), cache.n_slots)
         if self.compiled and key not in self._warm_shapes:
             t0 = time.perf_counter()
-            out = self._step(self.net, cache, tok, input_pos, pad, kv_len)
+            out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled)
             self.compile_s += time.perf_counter() - t0
             self._warm_shapes.add(key)
             return out
-        return self._step(self.net, cache, tok, input_pos, pad, kv_len)
+        return self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled)
 
 
 @torch.inference_mode()

@@ -116,6 +116,21 @@ class Step:
     sin: torch.Tensor  # (B, T, 1, hd)
     mask: torch.Tensor  # (B, 1, T, S) bool: which cache slots each query may attend to
     kv_len: int | None  # attend to cache slots [0, kv_len); None = the whole cache
+    gemv: bool = False  # compiled decode: matmuls as fused multiply-sum (see `linear`)
+
+
+def linear(x: torch.Tensor, mod: nn.Linear, gemv: bool) -> torch.Tensor:
+    """mod(x), or, under torch.compile at decode time, the same product as a multiply-sum.
+
+    At batch 1 a decode step is a matrix-vector product per weight, and reading the weights is all
+    the time it takes. On AVX2 CPUs MKL's sgemv reads them at ~10 GB/s where plain reads reach ~23;
+    Inductor turns `(x * W).sum(-1)` into one fused vectorized pass over W that runs at ~23 GB/s
+    (benchmarks/results/README.md). Only for compiled code: eager would materialize x * W.
+    """
+    if not gemv:
+        return mod(x)
+    y = (x.unsqueeze(-2) * mod.weight).sum(-1)  # (..., 1, K) * (N, K) -> (..., N)
+    return y if mod.bias is None else y + mod.bias
 
 
 class RMSNorm(nn.Module):
@@ -141,7 +156,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor):
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = linear(x, self.wqkv, step.gemv).split([self.q_size, self.kv_size, self.kv_size], -1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), step.cos, step.sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -156,7 +171,7 @@ class Attention(nn.Module):
             attn_mask=step.mask[..., :S],
             enable_gqa=self.n_heads != self.n_kv_heads,
         )  # (B, H, T, hd)
-        return self.wo(y.transpose(1, 2).reshape(B, T, self.q_size))
+        return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo, step.gemv)
 
 
 class FeedForward(nn.Module):
@@ -166,9 +181,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate | up
         self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).split(self.inter, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+        gate, up = linear(x, self.w13, gemv).split(self.inter, dim=-1)
+        return linear(F.silu(gate) * up, self.w2, gemv)
 
 
 class Block(nn.Module):
@@ -181,7 +196,7 @@ class Block(nn.Module):
 
     def forward(self, h, step: Step, k_cache, v_cache):
         h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + self.feed_forward(self.ffn_norm(h), step.gemv)
 
 
 class Transformer(nn.Module):
@@ -207,12 +222,12 @@ class Transformer(nn.Module):
             h = self.layers[i](h, step, cache.k[i], cache.v[i])
         return h
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
+    def head(self, h: torch.Tensor, gemv: bool = False) -> torch.Tensor:
         """Final norm + LM head: (B, T, D) -> (B, T, V) logits."""
-        return self.output(self.norm(h))
+        return linear(self.norm(h), self.output, gemv)
 
     def make_step(self, input_pos: torch.Tensor, pad: torch.Tensor, n_slots: int,
-                  kv_len: int | None = None) -> Step:
+                  kv_len: int | None = None, gemv: bool = False) -> Step:
         """Positions, RoPE and mask for queries at cache slots `input_pos` (T,).
 
         Rows are left-padded: row b's real tokens start at slot pad[b] (B,), so its RoPE position is
@@ -226,8 +241,9 @@ class Transformer(nn.Module):
         keys = torch.arange(n_slots, device=input_pos.device)  # (S,)
         q = input_pos[:, None]  # (T, 1)
         mask = ((keys[None, None, :] >= pad[:, None, None]) & (keys <= q)) | (keys == q)  # (B, T, S)
-        return Step(input_pos, cos, sin, mask[:, None], kv_len)
+        return Step(input_pos, cos, sin, mask[:, None], kv_len, gemv)
 
     def forward(self, tokens: torch.Tensor, step: Step, cache) -> torch.Tensor:
         """Full depth: tokens (B, T) -> logits (B, T, V)."""
-        return self.head(self.forward_layers(self.embed(tokens), 0, self.args.n_layers, step, cache))
+        h = self.forward_layers(self.embed(tokens), 0, self.args.n_layers, step, cache)
+        return self.head(h, step.gemv)
