@@ -40,7 +40,7 @@ class BatchTimings:
 def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, input_pos: torch.Tensor,
                  pad: torch.Tensor, kv_len: int | None, gemv: bool = False) -> torch.Tensor:
     """One token per row at cache slot input_pos (1,): tok (B, 1) -> logits (B, V) fp32."""
-    step = net.make_step(input_pos, pad, cache.n_slots, kv_len, gemv)
+    step = net.make_step(input_pos, pad, cache.k[0].shape[2], kv_len, gemv)  # symbolic S when compiled
     return net(tok, step, cache)[:, -1].float()
 
 
@@ -57,7 +57,9 @@ class Decoder:
             import torch._inductor.config as ic
 
             ic.fx_graph_cache = True  # on-disk cache: later processes skip most of the compile
-            self._step = torch.compile(_decode_step, fullgraph=True, dynamic=False)
+            # One graph for every cache length (the cache's slot dimension is marked dynamic in
+            # `step`): compile is paid once per process and batch size, not once per prompt length.
+            self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor):
         """tok (B, 1) written at cache slot `slot` -> logits (B, V)."""
@@ -65,7 +67,10 @@ class Decoder:
         # Compiled: attend over the whole (fixed-size) cache so the graph never changes shape.
         # Eager: attend only over the filled slots, which saves reading the empty tail.
         kv_len = None if self.compiled else slot + 1
-        key = (tuple(tok.shape), cache.n_slots)
+        key = tuple(tok.shape)
+        if self.compiled:
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_dynamic(t, 2)
         if self.compiled and key not in self._warm_shapes:
             t0 = time.perf_counter()
             out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled)

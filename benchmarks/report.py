@@ -1,0 +1,69 @@
+"""Turn benchmark JSON lines into the markdown tables shown in the README.
+
+    python benchmarks/report.py benchmarks/results/decode_cpu.jsonl   # latest run in the file
+
+Writes the table to stdout; with --write, also to benchmarks/results/decode_cpu.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def load_latest_run(path: Path) -> list[dict]:
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not recs:
+        raise SystemExit(f"{path} holds no records")
+    last = recs[-1]["timestamp"]
+    return [r for r in recs if r["timestamp"] == last]
+
+
+def decode_table(recs: list[dict]) -> str:
+    roof = next((r for r in recs if r["kind"] == "roofline"), None)
+    dec = [r for r in recs if r["kind"] == "decode"]
+    m, v = dec[0]["machine"], dec[0]["versions"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; "
+        f"torch {v['torch']}, transformers {v['transformers']}; commit `{dec[0]['commit']}`, "
+        f"{dec[0]['timestamp']}.",
+        f"Model {dec[0]['model']}, {dec[0]['dtype']}, batch 1, greedy, {dec[0]['new_tokens']} new tokens "
+        f"(EOS ignored), median of {dec[0]['repeats']} repeats after a warm-up run.",
+    ]
+    if roof:
+        lines.append(
+            f"Measured read bandwidth {roof['bandwidth_gbs']} GB/s; weights read per token "
+            f"{roof['weight_bytes_per_token'] / 1e6:.0f} MB; so the batch-1 roofline is "
+            f"{roof['roofline_tok_s']} tok/s.")
+    lines += ["", "| engine | prompt tokens | tok/s | ms/token | weight GB/s | speed-up vs HF "
+              "| token agreement vs HF | compile s |", "|---|---|---|---|---|---|---|---|"]
+    for r in dec:
+        lines.append(
+            f"| {r['engine']} | {r['prompt_tokens']} | {r['tok_s']:.2f} | {r['ms_per_token']:.1f} "
+            f"| {r['achieved_weight_gbs']:.1f} | {r.get('speedup_vs_hf', float('nan')):.2f}x "
+            f"| {r.get('token_agreement_vs_hf', float('nan')):.3f} | {r['compile_s']:.0f} |")
+    engines = sorted({r["engine"] for r in dec}, key=[r["engine"] for r in dec].index)
+    lines += ["", "| engine | median speed-up vs HF over prompts |", "|---|---|"]
+    for e in engines:
+        s = [r["speedup_vs_hf"] for r in dec if r["engine"] == e and "speedup_vs_hf" in r]
+        if s:
+            lines.append(f"| {e} | {statistics.median(s):.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("path", type=Path, nargs="?",
+                    default=Path(__file__).parent / "results" / "decode_cpu.jsonl")
+    ap.add_argument("--write", action="store_true", help="also write <path>.md beside the JSON lines")
+    args = ap.parse_args(argv)
+    table = decode_table(load_latest_run(args.path))
+    print(table)
+    if args.write:
+        args.path.with_suffix(".md").write_text(table)
+
+
+if __name__ == "__main__":
+    main()
