@@ -7,9 +7,9 @@ import cee_gen
 
 
 def test_pytorch_bin_checkpoint_loads_like_safetensors(tmp_path):
-    from conftest import make_tiny_checkpoint
-
     import shutil
+
+    from conftest import make_tiny_checkpoint
 
     hf = make_tiny_checkpoint(tmp_path / "st")
     shutil.copytree(tmp_path / "st", tmp_path / "bin")
