@@ -1,0 +1,85 @@
+"""Cost of the KV-cache copy-forward per token, by mode, against running the skipped layers.
+
+    python benchmarks/bench_kv_fill.py                 # SmolLM2-135M shapes, random weights, fp32
+
+Random weights in the default model's real shapes time the same as the real ones (nothing here
+depends on values). For one decode token (batch 1) exiting after layer e, we time: the fill of
+layers [e, L) in each mode, and running layers [e, L) for real (what the fill replaces). Median of
+repeats after a warm-up; one JSON object per line appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import git_commit, machine_info, versions  # noqa: E402
+
+from cee_gen.cache import StaticKVCache  # noqa: E402
+from cee_gen.kv_fill import MODES, KVFiller  # noqa: E402
+from cee_gen.model import ModelArgs, Transformer  # noqa: E402
+
+SMOLLM2 = ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
+                    intermediate_size=1536, rope_theta=1e5, max_position_embeddings=8192,
+                    tie_word_embeddings=True)
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+@torch.inference_mode()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "kv_fill_cpu.jsonl")
+    args = ap.parse_args(argv)
+    a = SMOLLM2
+    torch.manual_seed(0)
+    net = Transformer(a).eval()
+    for p in net.parameters():
+        p.normal_(0, 0.02)
+    filler = KVFiller(net)
+    cache = StaticKVCache(a, 1, 512, torch.float32, "cpu")
+    pad = torch.zeros(1, dtype=torch.long)
+    slot = 300
+    step = net.make_step(torch.tensor([slot]), pad, 512, slot + 1)
+    h = torch.randn(1, 1, a.dim)
+    common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(),
+              "shapes": "SmolLM2-135M (random weights)", "dtype": "float32", "batch": 1,
+              "repeats": args.repeats, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    recs = []
+    for e in (a.n_layers // 2, 3 * a.n_layers // 4):
+        layers_ms = 1e3 * median_time(lambda: net.forward_layers(h, e, a.n_layers, step, cache),
+                                      args.repeats)
+        recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
+                     "what": "run skipped layers", "ms": round(layers_ms, 3)})
+        for mode in MODES:
+            ms = 1e3 * median_time(lambda mode=mode: filler.fill(cache, h, e, step, mode), args.repeats)
+            recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
+                         "what": f"fill {mode}", "ms": round(ms, 3),
+                         "fraction_of_skipped_layers": round(ms / layers_ms, 3)})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    for r in recs:
+        print(f"exit after {r['exit_layer']:>2} ({r['skipped_layers']} skipped): {r['what']:>22} "
+              f"{r['ms']:7.3f} ms  {r.get('fraction_of_skipped_layers', '')}")
+
+
+if __name__ == "__main__":
+    main()
