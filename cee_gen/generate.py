@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cee_gen.config import GenerationConfig
+from cee_gen.config import ExitConfig, GenerationConfig
 from cee_gen.engine import Decoder, generate_batch
 from cee_gen.errors import CeeGenError
 from cee_gen.loading import Model
@@ -84,6 +84,7 @@ def generate(
     prompts: str | list[str],
     *,
     config: GenerationConfig | None = None,
+    exit: ExitConfig | None = None,
     stream: Callable[[int, str], None] | None = None,
     **kwargs,
 ) -> list[GenerationResult]:
@@ -91,8 +92,10 @@ def generate(
 
     Options are the fields of `GenerationConfig` (max_new_tokens, do_sample, temperature, top_k,
     top_p, repetition_penalty, seed, chat, stop, batch_size, compile), given as keywords or as
-    `config=`. `stream(prompt_index, text_delta)` is called as text is produced.
+    `config=`. `exit=ExitConfig(exit="static", exit_layer=k, kv_fill="propagate")` makes generated
+    tokens leave the network early. `stream(prompt_index, text_delta)` is called as text is produced.
     """
+    ex = (exit or ExitConfig()).validate(model.n_layers)
     if config is not None and kwargs:
         config = GenerationConfig.from_kwargs(**{**config.__dict__, **kwargs})
     cfg = (config or GenerationConfig.from_kwargs(**kwargs)).validate()
@@ -125,7 +128,7 @@ def generate(
         tracker = _TextTracker(model, len(batch), cfg.stop, stream, start)
         rows, t = generate_batch(decoder, batch, cfg, pad_id=model.pad_token_id,
                                  eos_ids=model.eos_token_ids, generator=generator,
-                                 on_token=tracker)
+                                 on_token=tracker, depth=ex.depth(model.n_layers), kv_fill=ex.kv_fill)
         for b, row in enumerate(rows):
             text = tracker.text(b)
             for s in cfg.stop or []:
@@ -149,7 +152,10 @@ def generate(
                     "decode_tokens_per_s": (n - 1) / t.decode_s if n > 1 and t.decode_s > 0 else 0.0,
                     "n_layers": model.n_layers,
                     "layers_per_token": row.layers_per_token,
-                    "mean_layers": sum(row.layers_per_token) / max(n, 1),
+                    "mean_layers": (mean := sum(row.layers_per_token) / max(n, 1)),
+                    "ideal_speedup": model.n_layers / mean if mean else 1.0,
+                    "exit": ex.exit,
+                    "kv_fill": ex.kv_fill if ex.exit != "full" else None,
                 },
             ))
     return results
