@@ -53,6 +53,25 @@ def decode_table(recs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def static_exit_table(recs: list[dict]) -> str:
+    r0 = recs[0]
+    lines = [
+        f"Static exit, {r0['model']}, {r0['dtype']}, {r0['engine']}, batch 1, greedy, {r0['new_tokens']} new "
+        f"tokens, {r0['prompt_tokens']}-token prompt, median of {r0['repeats']} repeats; "
+        f"{r0['machine']['cpu']}, {r0['machine']['cores']} cores; commit `{r0['commit']}`. "
+        f"Measured on the full-depth run: t_layer {r0['t_layer_ms']} ms, t_other {r0['t_other_ms']} ms "
+        "(embedding, final norm, LM head, token choice).",
+        "",
+        "| exit | layers run | KV fill | ms/token | measured speed-up | ideal speed-up | measured / ideal |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        lines.append(f"| {r['exit']} | {r['exit_layer']} | {r['kv_fill'] or '-'} | {r['ms_per_token']:.1f} "
+                     f"| {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+                     f"| {r['measured_over_ideal']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("path", type=Path, nargs="?",
@@ -61,8 +80,13 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     table = decode_table(load_latest_run(args.path))
     print(table)
+    static = args.path.parent / "static_exit_cpu.jsonl"
+    static_table = static_exit_table(load_latest_run(static)) if static.exists() else ""
+    print(static_table)
     if args.write:
         args.path.with_suffix(".md").write_text(table)
+        if static_table:
+            static.with_suffix(".md").write_text(static_table)
 
 
 if __name__ == "__main__":
