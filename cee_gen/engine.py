@@ -122,7 +122,6 @@ def generate_batch(
     net = decoder.net
     dev = net.tok_embeddings.weight.device
     L = net.args.n_layers
-    depth_first = L  # the first generated token comes from the full-depth prefill
     B, T = len(prompts), max(len(p) for p in prompts)
     n_new = min(cfg.max_new_tokens, net.args.max_position_embeddings - T)
     n_slots = min(cache_slots(T + n_new), net.args.max_position_embeddings)
@@ -158,7 +157,8 @@ def generate_batch(
             if done[b]:
                 continue
             out[b].token_ids.append(ids[b])
-            out[b].layers_per_token.append(depth_first if i == 0 else (depth or L))
+            # the first generated token comes from the full-depth prefill
+            out[b].layers_per_token.append(L if i == 0 else (depth or L))
             if eos_flags[b]:
                 done[b], out[b].finish_reason = True, "stop"
             elif on_token is not None and on_token(b, ids[b]):

@@ -51,6 +51,12 @@ def _decoder(model: Model, compile: bool) -> Decoder:
     return dec
 
 
+def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """text up to the earliest stop string, and whether one was found."""
+    cut = min((text.find(s) for s in stop if s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
 class _TextTracker:
     """Incremental detokenization per row, for stop strings and streaming."""
 
@@ -67,16 +73,13 @@ class _TextTracker:
         self.ids[b].append(token_id)
         if not self.stop and self.stream is None:
             return False
-        text = self.text(b)
-        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
-        if cut >= 0:
-            text = text[:cut]
+        text, stopped = _cut_at_stop(self.text(b), self.stop)
         if self.stream is not None and not text.endswith("\ufffd"):  # wait for whole characters
             delta = text[len(self.emitted[b]):]
             if delta:
                 self.stream(self.offset + b, delta)
                 self.emitted[b] = text
-        return cut >= 0
+        return stopped
 
 
 def generate(
@@ -130,10 +133,7 @@ def generate(
                                  eos_ids=model.eos_token_ids, generator=generator,
                                  on_token=tracker, depth=ex.depth(model.n_layers), kv_fill=ex.kv_fill)
         for b, row in enumerate(rows):
-            text = tracker.text(b)
-            for s in cfg.stop or []:
-                if s in text:
-                    text = text[:text.find(s)]
+            text, _ = _cut_at_stop(tracker.text(b), cfg.stop or [])
             n = len(row.token_ids)
             total = t.prefill_s + t.decode_s
             results.append(GenerationResult(
