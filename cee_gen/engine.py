@@ -69,8 +69,8 @@ class Decoder:
             import torch._inductor.config as ic
 
             ic.fx_graph_cache = True  # on-disk cache: later processes skip most of the compile
-            # One graph for every cache length (the cache's slot dimension is marked dynamic in
-            # `step`): compile is paid once per process and batch size, not once per prompt length.
+            # One graph for every cache length (new_cache marks the slot dimension dynamic):
+            # compile is paid once per process and batch size, not once per prompt length.
             self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
@@ -82,22 +82,25 @@ class Decoder:
                 self._filler = KVFiller(self.net)
             filler = self._filler
         input_pos = torch.tensor([slot], device=tok.device)
-        # Compiled: attend over the whole (fixed-size) cache so the graph never changes shape.
+        # Compiled: attend over the whole cache (its slot dimension is dynamic, see new_cache).
         # Eager: attend only over the filled slots, which saves reading the empty tail.
         kv_len = None if self.compiled else slot + 1
         key = (tuple(tok.shape), depth, kv_fill)
-        if self.compiled:
-            for t in cache.k + cache.v:
-                torch._dynamo.mark_dynamic(t, 2)
-        if self.compiled and key not in self._warm_shapes:
-            t0 = time.perf_counter()
-            out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled, depth, filler,
-                             kv_fill)
+        first = self.compiled and key not in self._warm_shapes
+        t0 = time.perf_counter()
+        out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled, depth, filler, kv_fill)
+        if first:  # this call traced and compiled a graph
             self.compile_s += time.perf_counter() - t0
             self._warm_shapes.add(key)
-            return out
-        return self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled, depth, filler,
-                          kv_fill)
+        return out
+
+    def new_cache(self, batch: int, n_slots: int) -> StaticKVCache:
+        w = self.net.tok_embeddings.weight
+        cache = StaticKVCache(self.net.args, batch, n_slots, w.dtype, w.device)
+        if self.compiled:  # one graph for every cache length: mark the slot dimension dynamic
+            for t in cache.k + cache.v:
+                torch._dynamo.mark_dynamic(t, 2)
+        return cache
 
 
 @torch.inference_mode()
@@ -136,7 +139,7 @@ def generate_batch(
         seen[b, p] = True
     eos = torch.tensor(eos_ids or [-1], device=dev)
 
-    cache = StaticKVCache(net.args, B, n_slots, net.tok_embeddings.weight.dtype, dev)
+    cache = decoder.new_cache(B, n_slots)
     out = [RowOutput() for _ in range(B)]
     done = [False] * B
     timings = BatchTimings()

@@ -12,3 +12,10 @@ class CeeGenError(ValueError):
 
 class ModelLoadError(CeeGenError):
     """The model (or its tokenizer/config) could not be found, fetched or read."""
+
+
+def one_line(err: object, limit: int = 200) -> str:
+    """The first non-empty line of an exception (or message), shortened: errors we raise stay one line."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    text = lines[0] if lines else type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

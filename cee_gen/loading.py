@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cee_gen.config import LoadConfig
-from cee_gen.errors import CeeGenError, ModelLoadError
+from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -104,8 +104,7 @@ def _download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]))
     except Exception as e:  # offline, unknown repo, gated repo: all one message for the user
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub ({msg}): "
+        raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub ({one_line(e)}): "
                              "check the name and the network, or pass a local folder") from None
 
 
@@ -119,7 +118,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             try:
                 sd.update(load_file(f))
             except Exception as e:
-                raise ModelLoadError(f"cannot read weights {f} ({e}): the file is damaged or "
+                raise ModelLoadError(f"cannot read weights {f} ({one_line(e)}): the file is damaged or "
                                      "incomplete; re-download or re-convert it") from None
         return sd
     files = sorted(path.glob("pytorch_model*.bin"))
@@ -130,7 +129,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             sd.update(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
         except Exception as e:
-            raise ModelLoadError(f"cannot read weights {f} ({e}): the file is damaged") from None
+            raise ModelLoadError(f"cannot read weights {f} ({one_line(e)}): the file is damaged") from None
     return sd
 
 
@@ -199,12 +198,12 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     try:
         hf_cfg = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise ModelLoadError(f"cannot read {path / 'config.json'} ({e})") from None
+        raise ModelLoadError(f"cannot read {path / 'config.json'} ({one_line(e)})") from None
     args = ModelArgs.from_hf_config(hf_cfg)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer from {path} ({e}): the folder needs "
+        raise ModelLoadError(f"cannot load the tokenizer from {path} ({one_line(e)}): the folder needs "
                              "tokenizer.json or tokenizer.model") from None
     net = build_transformer(args, _read_state_dict(path), dt, dev)
 

@@ -125,7 +125,7 @@ def linear(x: torch.Tensor, mod: nn.Linear, gemv: bool) -> torch.Tensor:
     At batch 1 a decode step is a matrix-vector product per weight, and reading the weights is all
     the time it takes. On AVX2 CPUs MKL's sgemv reads them at ~10 GB/s where plain reads reach ~23;
     Inductor turns `(x * W).sum(-1)` into one fused vectorized pass over W that runs at ~23 GB/s
-    (benchmarks/results/README.md). Only for compiled code: eager would materialize x * W.
+    (README, "Speed"). Only for compiled code: eager would materialize x * W.
     """
     if not gemv:
         return mod(x)
