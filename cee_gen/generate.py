@@ -13,12 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from cee_gen.config import ExitConfig, GenerationConfig
-from cee_gen.engine import Decoder, generate_batch
+from cee_gen.engine import Decoder, ExitRun, generate_batch
 from cee_gen.errors import CeeGenError
+from cee_gen.exits.heads import ExitHeads, load_heads
+from cee_gen.exits.strategies import make_strategy
 from cee_gen.loading import Model
 
 
@@ -49,6 +52,25 @@ def _decoder(model: Model, compile: bool) -> Decoder:
     if dec is None:
         dec = model.decoders[compile] = Decoder(model.net, compile=compile)
     return dec
+
+
+def exit_heads(model: Model, path: str | None) -> ExitHeads:
+    """The exit heads for `path` (None: the logit lens), loaded once per model."""
+    key = None if path is None else str(Path(path).expanduser().resolve())
+    heads = model.exit_heads.get(key)
+    if heads is None:
+        heads = ExitHeads.logit_lens(model.net) if path is None else load_heads(path, model.net, model.name)
+        model.exit_heads[key] = heads
+    return heads
+
+
+def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
+    """ExitConfig -> the strategy, heads and fill mode the engine runs."""
+    ex.validate(model.n_layers)
+    heads = exit_heads(model, ex.heads)
+    special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
+    strat = make_strategy(ex, heads, model.args.vocab_size, special)
+    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill)
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
@@ -95,10 +117,13 @@ def generate(
 
     Options are the fields of `GenerationConfig` (max_new_tokens, do_sample, temperature, top_k,
     top_p, repetition_penalty, seed, chat, stop, batch_size, compile), given as keywords or as
-    `config=`. `exit=ExitConfig(exit="static", exit_layer=k, kv_fill="propagate")` makes generated
-    tokens leave the network early. `stream(prompt_index, text_delta)` is called as text is produced.
+    `config=`. `exit=ExitConfig(strategy="policy", heads="heads.safetensors", threshold=0.5)` (or
+    any strategy of ExitConfig) makes generated tokens leave the network early; `stats` then carry
+    the layers each token ran, the exit histogram, and the time spent in decisions and KV fill
+    (batch totals). `stream(prompt_index, text_delta)` is called as text is produced.
     """
-    ex = (exit or ExitConfig()).validate(model.n_layers)
+    ex = exit or ExitConfig()
+    run = prepare_exit(model, ex)
     if config is not None and kwargs:
         config = GenerationConfig.from_kwargs(**{**config.__dict__, **kwargs})
     cfg = (config or GenerationConfig.from_kwargs(**kwargs)).validate()
@@ -131,7 +156,7 @@ def generate(
         tracker = _TextTracker(model, len(batch), cfg.stop, stream, start)
         rows, t = generate_batch(decoder, batch, cfg, pad_id=model.pad_token_id,
                                  eos_ids=model.eos_token_ids, generator=generator,
-                                 on_token=tracker, depth=ex.depth(model.n_layers), kv_fill=ex.kv_fill)
+                                 on_token=tracker, exit=run)
         for b, row in enumerate(rows):
             text, _ = _cut_at_stop(tracker.text(b), cfg.stop or [])
             n = len(row.token_ids)
@@ -154,8 +179,22 @@ def generate(
                     "layers_per_token": row.layers_per_token,
                     "mean_layers": (mean := sum(row.layers_per_token) / max(n, 1)),
                     "ideal_speedup": model.n_layers / mean if mean else 1.0,
-                    "exit": ex.exit,
-                    "kv_fill": ex.kv_fill if ex.exit != "full" else None,
+                    "exit": ex.strategy,
+                    "kv_fill": ex.fill if ex.strategy != "full" else None,
+                    "threshold": ex.thresh,
+                    "candidate_layers": run.strategy.layers,
+                    "exit_histogram": _histogram(row.layers_per_token[1:]),
+                    "decision_s": t.decision_s,
+                    "fill_s": t.fill_s,
+                    "recompute_rows": t.recompute_rows,
                 },
             ))
     return results
+
+
+def _histogram(layers: list[int]) -> dict[int, int]:
+    """Exit layer -> tokens, over the tokens made by decode steps (the first comes from the prefill)."""
+    out: dict[int, int] = {}
+    for x in layers:
+        out[x] = out.get(x, 0) + 1
+    return dict(sorted(out.items()))

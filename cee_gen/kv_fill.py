@@ -6,6 +6,9 @@ layers [e, L). Modes (shared/reference/methods.md §1.7, peer_systems.md §1):
   skipped layer j projects it: K_j = RoPE(W_k^j RMSNorm_j(h)), V_j = W_v^j RMSNorm_j(h).
 - `propagate-raw`: the same without RMSNorm_j (what ConsistentEE's released inference code does).
 - `copy-kv`: layer e-1's K/V copied into layers [e, L) (cheapest; known to hurt quality).
+- `recompute` (EE-LLM's KV recomputation): nothing is filled here. The engine keeps the exit state
+  and runs it through the deeper layers together with the next token of its row that goes deeper,
+  so the deep KV is exact (engine.py, `_Pending`).
 
 `propagate` in one matmul: RMSNorm_j(h) = g_j * n(h), with n(h) = h / rms(h) the same for every j,
 so W^j RMSNorm_j(h) = (W^j diag(g_j)) n(h). Folding g_j into the stacked K/V weights of all layers
@@ -18,9 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from cee_gen.model import Step, Transformer, apply_rope
+from cee_gen.model import Step, Transformer, apply_rope, cache_write
 
-MODES = ("propagate", "propagate-raw", "copy-kv")
+MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
+FILL_MODES = MODES[:3]  # the modes this module fills; recompute is the engine's
 
 
 class KVFiller:
@@ -36,9 +40,9 @@ class KVFiller:
         self.bias = None if bias[0] is None else torch.stack([b[q:] for b in bias])  # (L, 2kv)
 
     def fill(self, cache, h: torch.Tensor, exit_layer: int, step: Step, mode: str = "propagate"):
-        """Write K/V of layers [exit_layer, L) at slots step.input_pos from exit states h (B, T, D)."""
-        if mode not in MODES:
-            raise ValueError(f"unknown KV-fill mode {mode!r}: use one of {', '.join(MODES)}")
+        """Write K/V of layers [exit_layer, L) at the step's rows and slots from exit states h (B, T, D)."""
+        if mode not in FILL_MODES:
+            raise ValueError(f"unknown KV-fill mode {mode!r}: use one of {', '.join(FILL_MODES)}")
         a, e, L = self.net.args, exit_layer, self.net.args.n_layers
         if e >= L:
             return
@@ -46,9 +50,17 @@ class KVFiller:
         if mode == "copy-kv":
             if e == 0:
                 raise ValueError("copy-kv needs at least one computed layer (exit_layer >= 1)")
+            if step.rows is None and step.input_pos.dim() == 1:
+                src_k = cache.k[e - 1].index_select(2, step.input_pos).transpose(1, 2)  # (B, T, H, hd)
+                src_v = cache.v[e - 1].index_select(2, step.input_pos).transpose(1, 2)
+            else:
+                rows = torch.arange(B, device=h.device) if step.rows is None else step.rows
+                slots = step.input_pos if step.input_pos.dim() == 2 else step.input_pos.expand(B, T)
+                src_k = cache.k[e - 1][rows[:, None], :, slots]  # (B, T, H, hd)
+                src_v = cache.v[e - 1][rows[:, None], :, slots]
             for j in range(e, L):
-                cache.k[j].index_copy_(2, step.input_pos, cache.k[e - 1].index_select(2, step.input_pos))
-                cache.v[j].index_copy_(2, step.input_pos, cache.v[e - 1].index_select(2, step.input_pos))
+                cache_write(cache.k[j], src_k, step)
+                cache_write(cache.v[j], src_v, step)
             return
         if mode == "propagate":
             hf = h.float()
@@ -65,5 +77,5 @@ class KVFiller:
         k = apply_rope(k, step.cos, step.sin).view(B, T, n, a.n_kv_heads, a.head_dim)
         v = kv[..., self.kv:].view(B, T, n, a.n_kv_heads, a.head_dim)
         for i, j in enumerate(range(e, L)):
-            cache.k[j].index_copy_(2, step.input_pos, k[:, :, i].transpose(1, 2))  # (B, H_kv, T, hd)
-            cache.v[j].index_copy_(2, step.input_pos, v[:, :, i].transpose(1, 2))
+            cache_write(cache.k[j], k[:, :, i], step)  # (B, T, H_kv, hd)
+            cache_write(cache.v[j], v[:, :, i], step)

@@ -35,6 +35,7 @@ class Model:
     pad_token_id: int
     meta: dict = field(default_factory=dict)
     decoders: dict = field(default_factory=dict, repr=False)  # compile flag -> engine.Decoder
+    exit_heads: dict = field(default_factory=dict, repr=False)  # heads path (None: logit lens) -> ExitHeads
 
     @property
     def device(self) -> torch.device:

@@ -109,14 +109,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class Step:
-    """What every layer of one forward step shares, computed once per step (not once per layer)."""
+    """What every layer of one forward step shares, computed once per step (not once per layer).
 
-    input_pos: torch.Tensor  # (T,) cache slots written by this step
-    cos: torch.Tensor  # (B, T, 1, hd)
-    sin: torch.Tensor  # (B, T, 1, hd)
-    mask: torch.Tensor  # (B, 1, T, S) bool: which cache slots each query may attend to
+    Two layouts. The common one: every row writes the same slots (`input_pos` (T,)) and the batch is
+    the whole cache batch (`rows` None), so K/V are written with one `index_copy_`. The early-exit
+    one: a subset of the cache's rows runs (`rows` (b,), the rows still going deeper) and each row
+    may write its own slots (`input_pos` (b, T): `recompute` adds the row's pending positions).
+    """
+
+    input_pos: torch.Tensor  # (T,) cache slots written by this step, or (b, T) per row
+    cos: torch.Tensor  # (b, T, 1, hd)
+    sin: torch.Tensor  # (b, T, 1, hd)
+    mask: torch.Tensor  # (b, 1, T, S) bool: which cache slots each query may attend to
     kv_len: int | None  # attend to cache slots [0, kv_len); None = the whole cache
     gemv: bool = False  # compiled decode: matmuls as fused multiply-sum (see `linear`)
+    rows: torch.Tensor | None = None  # (b,) cache rows these queries belong to; None = all, in order
+
+    def select(self, idx: torch.Tensor) -> Step:
+        """The same step for a subset `idx` (b',) of its rows (e.g. the rows that did not exit)."""
+        ip = self.input_pos[idx] if self.input_pos.dim() == 2 else self.input_pos
+        rows = idx if self.rows is None else self.rows[idx]
+        return Step(ip, self.cos[idx], self.sin[idx], self.mask[idx], self.kv_len, self.gemv, rows)
+
+
+def cache_write(cache_t: torch.Tensor, x: torch.Tensor, step: Step) -> None:
+    """Write x (b, T, H_kv, hd) into one layer's cache (B, H_kv, S, hd) at the step's rows and slots."""
+    if step.rows is None and step.input_pos.dim() == 1:
+        cache_t.index_copy_(2, step.input_pos, x.transpose(1, 2))  # all rows, same slots
+        return
+    b, T = x.shape[:2]
+    rows = torch.arange(b, device=x.device) if step.rows is None else step.rows
+    slots = step.input_pos if step.input_pos.dim() == 2 else step.input_pos.expand(b, T)
+    cache_t[rows[:, None], :, slots] = x  # (b, T) index pairs -> (b, T, H_kv, hd)
+
+
+def cache_read(cache_t: torch.Tensor, step: Step) -> torch.Tensor:
+    """The slots [0, kv_len) of the step's rows: (b, H_kv, S', hd); a view when all rows run."""
+    S = step.kv_len if step.kv_len is not None else cache_t.shape[2]
+    t = cache_t[:, :, :S]
+    return t if step.rows is None else t.index_select(0, step.rows)
 
 
 def linear(x: torch.Tensor, mod: nn.Linear, gemv: bool) -> torch.Tensor:
@@ -161,14 +192,14 @@ class Attention(nn.Module):
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         # caches: (B, H_kv, S, hd), written by slot index, never grown with torch.cat
-        k_cache.index_copy_(2, step.input_pos, k.transpose(1, 2))
-        v_cache.index_copy_(2, step.input_pos, v.transpose(1, 2))
-        S = step.kv_len if step.kv_len is not None else k_cache.shape[2]
+        cache_write(k_cache, k, step)
+        cache_write(v_cache, v, step)
+        kc, vc = cache_read(k_cache, step), cache_read(v_cache, step)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, H, T, hd)
-            k_cache[:, :, :S],
-            v_cache[:, :, :S],
-            attn_mask=step.mask[..., :S],
+            kc,
+            vc,
+            attn_mask=step.mask[..., :kc.shape[2]],
             enable_gqa=self.n_heads != self.n_kv_heads,
         )  # (B, H, T, hd)
         return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo, step.gemv)
@@ -227,21 +258,22 @@ class Transformer(nn.Module):
         return linear(self.norm(h), self.output, gemv)
 
     def make_step(self, input_pos: torch.Tensor, pad: torch.Tensor, n_slots: int,
-                  kv_len: int | None = None, gemv: bool = False) -> Step:
-        """Positions, RoPE and mask for queries at cache slots `input_pos` (T,).
+                  kv_len: int | None = None, gemv: bool = False, rows: torch.Tensor | None = None) -> Step:
+        """Positions, RoPE and mask for queries at cache slots `input_pos` (T,) or (B, T) per row.
 
         Rows are left-padded: row b's real tokens start at slot pad[b] (B,), so its RoPE position is
         slot - pad[b] and it may attend to slots pad[b]..slot. A padding query attends to itself
-        only, which keeps its (unused) values finite.
+        only, which keeps its (unused) values finite. `rows` (B,): which cache rows these are.
         """
-        pos = (input_pos[None, :] - pad[:, None]).clamp_(min=0)  # (B, T)
+        ip = input_pos if input_pos.dim() == 2 else input_pos[None, :]  # (B or 1, T)
+        pos = (ip - pad[:, None]).clamp_(0, self.rope_cos.shape[0] - 1)  # (B, T)
         dt = self.tok_embeddings.weight.dtype
         cos = self.rope_cos[pos].to(dt)[:, :, None, :]  # (B, T, 1, hd)
         sin = self.rope_sin[pos].to(dt)[:, :, None, :]
         keys = torch.arange(n_slots, device=input_pos.device)  # (S,)
-        q = input_pos[:, None]  # (T, 1)
+        q = ip[:, :, None]  # (B or 1, T, 1)
         mask = ((keys[None, None, :] >= pad[:, None, None]) & (keys <= q)) | (keys == q)  # (B, T, S)
-        return Step(input_pos, cos, sin, mask[:, None], kv_len, gemv)
+        return Step(input_pos, cos, sin, mask[:, None], kv_len, gemv, rows)
 
     def forward(self, tokens: torch.Tensor, step: Step, cache) -> torch.Tensor:
         """Full depth: tokens (B, T) -> logits (B, T, V)."""

@@ -18,14 +18,14 @@ def test_static_exit_at_full_depth_equals_the_full_model_token_for_token(tiny_mo
     L = tiny_model.n_layers
     full = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16)
     static = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16,
-                              exit=ExitConfig(exit="static", exit_layer=L))
+                              exit=ExitConfig(strategy="static", exit_layer=L))
     assert [r.token_ids for r in static] == [r.token_ids for r in full]
 
 
 def test_static_exit_reports_layers_and_ideal_speedup(tiny_model):
     L = tiny_model.n_layers
     [r] = cee_gen.generate(tiny_model, PROMPTS[0], max_new_tokens=8, chat=False,
-                           exit=ExitConfig(exit="static", exit_layer=1))
+                           exit=ExitConfig(strategy="static", exit_layer=1))
     n = len(r.token_ids)
     assert r.stats["layers_per_token"] == [L] + [1] * (n - 1)  # first token comes from the prefill
     assert r.stats["ideal_speedup"] == pytest.approx(L / r.stats["mean_layers"])
@@ -62,24 +62,25 @@ def test_forced_exit_writes_deeper_kv_from_the_exit_state(tiny_model, mode):
 
 
 def test_static_exit_batch_equals_one_by_one(tiny_model):
-    ex = ExitConfig(exit="static", exit_layer=2)
+    ex = ExitConfig(strategy="static", exit_layer=2)
     one = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=12, batch_size=1, exit=ex)
     many = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=12, batch_size=4, exit=ex)
     assert [r.token_ids for r in many] == [r.token_ids for r in one]
 
 
 def test_compiled_static_exit_equals_eager(tiny_model):
-    ex = ExitConfig(exit="static", exit_layer=2)
+    ex = ExitConfig(strategy="static", exit_layer=2)
     eager = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=12, exit=ex)
     comp = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=12, exit=ex, compile=True)
     assert [r.token_ids for r in comp] == [r.token_ids for r in eager]
 
 
 @pytest.mark.parametrize("ex, words", [
-    (ExitConfig(exit="static"), "needs exit_layer"),
-    (ExitConfig(exit="static", exit_layer=99), "deeper than the model"),
-    (ExitConfig(exit="policy"), "unknown exit strategy"),
-    (ExitConfig(exit="static", exit_layer=1, kv_fill="magic"), "unknown kv_fill"),
+    (ExitConfig(strategy="static"), "needs exit_layer"),
+    (ExitConfig(strategy="static", exit_layer=99), "deeper than the model"),
+    (ExitConfig(strategy="policy"), "needs policy heads"),
+    (ExitConfig(strategy="warp"), "unknown exit strategy"),
+    (ExitConfig(strategy="static", exit_layer=1, kv_fill="magic"), "unknown kv_fill"),
 ])
 def test_bad_exit_settings_are_clear_errors(tiny_model, ex, words):
     with pytest.raises(CeeGenError, match=words):

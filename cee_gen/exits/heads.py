@@ -1,0 +1,246 @@
+"""Exit heads: internal classifiers and policy heads attached to an unmodified base model.
+
+- **Internal classifier** at layer l (the hidden state after l layers): the model's own final
+  RMSNorm and LM head read h_l, optionally through a small low-rank adapter in hidden space,
+  z = n + U (D n) with n = norm(h_l), logits = W_out z. A rank-r adapter costs 2 r d parameters
+  (74 K for SmolLM2 at r = 64), not a V x d matrix per layer: ConsistentEE's released code keeps 32
+  full heads, 4.2 B extra parameters for LLaMA-7B (shared/reference/methods.md §1.3, §6.1). Without an
+  adapter the classifier is the logit lens. At l = L it is always the model's own head, unchanged,
+  so exits disabled reproduce the full model exactly.
+- **Policy head** at layer l (ConsistentEE, methods.md §1.4): Linear(d, 1) or an MLP d -> hidden ->
+  1 with GELU (ConsistentEE-BERT), reading norm(h_l) and giving p(exit). It costs one dot product;
+  the LM head then runs once per token, at the exit layer only.
+
+One side file holds them: safetensors tensors plus JSON metadata under the header key
+`cee_gen_heads` (format version, base model identity and fingerprint, candidate layers, head types,
+how they were made). The fingerprint is a hash of the model's shape config plus a probe of a few
+weights from every tensor, stored as values and compared with a tolerance, so the same checkpoint
+matches in fp32, bf16 or fp16 and any other checkpoint does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from cee_gen.errors import CeeGenError, one_line
+from cee_gen.model import Transformer, linear
+
+FORMAT_VERSION = 1
+META_KEY = "cee_gen_heads"
+POLICY_KINDS = ("linear", "mlp")
+_PROBE_PER_TENSOR = 16
+
+
+class HeadsFileError(CeeGenError):
+    """A heads file is missing, damaged, or made for another base model."""
+
+
+def config_sha(net: Transformer) -> str:
+    """sha256 of the model's shape config: the part of the identity that must match exactly."""
+    a = dataclasses.asdict(net.args)
+    return hashlib.sha256(json.dumps(a, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def weight_probe(net: Transformer) -> torch.Tensor:
+    """A few evenly spaced values from every weight tensor, in fp32 (N,): the weights' identity."""
+    vals = []
+    for _, t in sorted(net.state_dict().items()):
+        flat = t.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, _PROBE_PER_TENSOR, device=flat.device).long()
+        vals.append(flat[idx].float().cpu())
+    return torch.cat(vals)
+
+
+def _probe_matches(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # fp16/bf16 round-trips move a value by < 0.4 %; another checkpoint moves it by ~100 %
+    return a.shape == b.shape and bool(((a - b).abs() <= 0.02 * b.abs() + 1e-3).all())
+
+
+class Policy(nn.Module):
+    """p(exit | norm(h_l)): Linear(d, 1), or d -> hidden -> 1 with GELU."""
+
+    def __init__(self, dim: int, kind: str = "linear", hidden: int = 32):
+        super().__init__()
+        self.kind = kind
+        if kind == "linear":
+            self.net = nn.Linear(dim, 1)
+        else:
+            self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(z).squeeze(-1).float())  # (..., D) -> (...,) fp32
+
+
+class Adapter(nn.Module):
+    """z + U (D z), rank r, in hidden space. U starts at zero: a new adapter is the logit lens."""
+
+    def __init__(self, dim: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.up(self.down(z))
+
+
+class ExitHeads(nn.Module):
+    """Internal classifiers and (optional) policy heads at candidate layers of one base model.
+
+    `layers` are 1-based layer counts l in 1..L-1 (exit after l layers). A model without a heads
+    file gets `ExitHeads.logit_lens(net)`: classifiers at every layer, no adapters, no policies.
+    """
+
+    def __init__(self, net: Transformer, layers: list[int], *, adapter_rank: int = 0,
+                 policy: str | None = None, policy_hidden: int = 32, meta: dict | None = None):
+        super().__init__()
+        L = net.args.n_layers
+        self.layers = sorted(set(int(x) for x in layers))
+        if any(not 1 <= x < L for x in self.layers):
+            raise CeeGenError(f"exit-head layers must be in 1..{L - 1}, got {self.layers}")
+        if policy is not None and policy not in POLICY_KINDS:
+            raise CeeGenError(f"unknown policy head type {policy!r}: use linear or mlp")
+        self.adapter_rank, self.policy_kind, self.policy_hidden = adapter_rank, policy, policy_hidden
+        self.meta = dict(meta or {})
+        self._net = [net]  # not a submodule: the base model's weights are not ours to save
+        D = net.args.dim
+        w = net.tok_embeddings.weight
+        self.adapters = nn.ModuleDict(
+            {str(x): Adapter(D, adapter_rank) for x in self.layers} if adapter_rank else {})
+        self.policies = nn.ModuleDict(
+            {str(x): Policy(D, policy, policy_hidden) for x in self.layers} if policy else {})
+        self.to(device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def logit_lens(cls, net: Transformer) -> ExitHeads:
+        return cls(net, list(range(1, net.args.n_layers)), meta={"made_by": "logit lens (no file)"})
+
+    @property
+    def net(self) -> Transformer:
+        return self._net[0]
+
+    @property
+    def has_policy(self) -> bool:
+        return bool(self.policies)
+
+    def normed(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's final RMSNorm of h (..., D): what classifiers and policies read."""
+        return self.net.norm(h)
+
+    def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """Exit-head logits after `layer` layers: h (b, D) -> (b, V) fp32."""
+        net = self.net
+        if layer >= net.args.n_layers:
+            return net.head(h).float()
+        z = self.normed(h)
+        if self.adapters:
+            z = self.adapters[str(layer)](z)
+        return linear(z, net.output, False).float()
+
+    def p_exit(self, layer: int, h: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Policy's p(exit) after `layer` layers: h (b, D) -> (b,) fp32."""
+        return self.policies[str(layer)](self.normed(h) if z is None else z)
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ---- the side file ------------------------------------------------------------------------
+
+    def metadata(self) -> dict:
+        net = self.net
+        return {
+            "format_version": FORMAT_VERSION,
+            "base": {"name": self.meta.get("base_name"), "config_sha256": config_sha(net),
+                     "n_layers": net.args.n_layers, "dim": net.args.dim, "vocab_size": net.args.vocab_size},
+            "layers": self.layers,
+            "adapter_rank": self.adapter_rank,
+            "policy": self.policy_kind,
+            "policy_hidden": self.policy_hidden,
+            "training": self.meta.get("training", {}),
+        }
+
+    def save(self, path: str | Path, base_name: str | None = None) -> Path:
+        """Write the heads file atomically (temporary file + rename)."""
+        from safetensors.torch import save_file
+
+        if base_name is not None:
+            self.meta["base_name"] = base_name
+        path = Path(path).expanduser()
+        if not path.parent.is_dir():
+            raise HeadsFileError(f"cannot write heads file {path}: folder {path.parent} does not exist")
+        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors["base_probe"] = weight_probe(self.net)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={META_KEY: json.dumps(self.metadata())})
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def load_heads(path: str | Path, net: Transformer, model_name: str | None = None) -> ExitHeads:
+    """Read a heads file made for `net`; every problem is one clear HeadsFileError."""
+    from safetensors import safe_open
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise HeadsFileError(f"heads file {path} does not exist: pass the path of a .safetensors heads "
+                             "file (python -m cee_gen.exits.quickfit makes one for the default model)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise HeadsFileError(f"cannot read heads file {path} ({one_line(e)}): it is damaged or "
+                             "incomplete; make it again") from None
+    if META_KEY not in header:
+        raise HeadsFileError(f"{path} is not a cee-gen heads file (its header has no {META_KEY!r} "
+                             "metadata)")
+    try:
+        meta = json.loads(header[META_KEY])
+        layers, base = meta["layers"], meta["base"]
+        version = meta["format_version"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise HeadsFileError(f"heads file {path} has broken metadata ({one_line(e)}): "
+                             "make it again") from None
+    if version != FORMAT_VERSION:
+        raise HeadsFileError(f"heads file {path} has format version {version}; this cee-gen reads "
+                             f"version {FORMAT_VERSION}: make it again with this version")
+    base_desc = f"{base.get('name') or 'a model'} ({base.get('n_layers')} layers, dim {base.get('dim')})"
+    here = f"{model_name or 'the loaded model'} ({net.args.n_layers} layers, dim {net.args.dim})"
+    probe = tensors.pop("base_probe", None)
+    if base.get("config_sha256") != config_sha(net) or probe is None \
+            or not _probe_matches(weight_probe(net), probe):
+        raise HeadsFileError(f"heads file {path} was made for {base_desc}, not for {here}: load the "
+                             "base model it was made for, or make heads for this model")
+    heads = ExitHeads(net, layers, adapter_rank=int(meta.get("adapter_rank") or 0),
+                      policy=meta.get("policy"), policy_hidden=int(meta.get("policy_hidden") or 32),
+                      meta={"base_name": base.get("name"), "training": meta.get("training", {}),
+                            "path": str(path)})
+    want = heads.state_dict()
+    missing = sorted(set(want) - set(tensors))
+    if missing:
+        raise HeadsFileError(f"heads file {path} lacks tensor(s) {missing[:3]} that its metadata "
+                             f"(layers {layers}) calls for: it is incomplete; make it again")
+    extra = sorted(set(tensors) - set(want))
+    if extra:
+        raise HeadsFileError(f"heads file {path} has tensor(s) {extra[:3]} its metadata does not "
+                             "describe: make it again")
+    for k, t in tensors.items():
+        if t.shape != want[k].shape:
+            raise HeadsFileError(f"heads file {path}: tensor {k!r} has shape {tuple(t.shape)}, expected "
+                                 f"{tuple(want[k].shape)}: make it again")
+    w = net.tok_embeddings.weight
+    heads.load_state_dict({k: t.to(device=w.device, dtype=w.dtype) for k, t in tensors.items()})
+    return heads.eval().requires_grad_(False)
