@@ -67,7 +67,7 @@ class BatchTimings:
     compile_s: float = 0.0
     decision_s: float = 0.0  # strategy decisions at candidate layers, their host syncs included
     fill_s: float = 0.0  # KV fill of skipped layers (propagate, propagate-raw, copy-kv)
-    recompute_rows: int = 0  # recompute: extra (position, layer) rows run to catch deep KV up
+    recompute_rows: int = 0  # recompute: extra (position, layer) pairs run to catch the deep KV up
 
 
 class _Pending:
@@ -163,6 +163,7 @@ class Decoder:
         step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, slot + 1,
                              rows=None if len(alive) == B else rows)
         slots = real = None  # recompute: per-row slots (b, Q) and which columns are real (b, Q)
+        extra = [0] * len(host_rows)  # recompute: real pending columns each running row carries
         plan = strat.plan([tok_ids[r] for r in host_rows]) if strat.planned else None
         stops = sorted(set(plan) | {L}) if plan is not None else strat.layers + [L]
         logits = torch.zeros(B, net.args.vocab_size, device=dev)
@@ -186,10 +187,11 @@ class Decoder:
                                 new_h[i, c], new_s[i, c] = hh, s_
                         h = torch.cat([h, new_h], 1)
                         slots, real = torch.cat([slots, new_s], 1), torch.cat([real, new_s != scratch], 1)
-                        tm.recompute_rows += sum(len(x) for x in joins) * (L - j)
+                        extra = [e + len(x) for e, x in zip(extra, joins)]
                         step = net.make_step(slots, padr, n_slots, slot + 1,
                                              rows=None if len(host_rows) == B else rows)
                     h = net.forward_layers(h, j, j + 1, step, cache)
+                    tm.recompute_rows += sum(extra)
             lo = stop
             sig = None
             if stop == L:
@@ -231,6 +233,7 @@ class Decoder:
             kt = torch.tensor(keep, device=dev)
             h, rows, padr, step = h[kt], rows[kt], padr[kt], step.select(kt)
             host_rows = [host_rows[i] for i in keep]
+            extra = [extra[i] for i in keep]
             if plan is not None:
                 plan = [plan[i] for i in keep]
             if slots is not None:

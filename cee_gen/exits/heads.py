@@ -54,7 +54,8 @@ def weight_probe(net: Transformer) -> torch.Tensor:
     vals = []
     for _, t in sorted(net.state_dict().items()):
         flat = t.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, _PROBE_PER_TENSOR, device=flat.device).long()
+        n = _PROBE_PER_TENSOR
+        idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // (n - 1)  # integer: exact ends
         vals.append(flat[idx].float().cpu())
     return torch.cat(vals)
 
@@ -182,6 +183,9 @@ class ExitHeads(nn.Module):
         os.close(fd)
         try:
             save_file(tensors, tmp, metadata={META_KEY: json.dumps(self.metadata())})
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file gets the usual mode
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

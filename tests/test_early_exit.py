@@ -1,0 +1,284 @@
+"""The early-exit decode step: exits off == full model, per-row exits in a batch, KV fill and recompute."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+
+import cee_gen
+from cee_gen import ExitConfig
+from cee_gen.cache import StaticKVCache
+from cee_gen.engine import BatchTimings, Decoder, ExitRun, _Pending
+from cee_gen.exits.heads import ExitHeads
+from cee_gen.exits.strategies import Static
+
+PROMPTS = ["the quick brown fox", "give three tips", "a b c d e f", "z"]
+
+
+@pytest.fixture(scope="module")
+def model4(tmp_path_factory):
+    """Four layers, so tokens can exit at 1, 2 or 3 and differ from row to row."""
+    path = tmp_path_factory.mktemp("tiny4")
+    make_tiny_checkpoint(path, n_layers=4, seed=3)
+    return cee_gen.load_model(str(path), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def policy_file(model4, tmp_path_factory):
+    torch.manual_seed(1)
+    h = ExitHeads(model4.net, [1, 2, 3], adapter_rank=4, policy="linear")
+    with torch.no_grad():
+        for p in h.parameters():
+            p.normal_(0, 0.5)
+    return str(h.save(tmp_path_factory.mktemp("heads") / "h.safetensors", base_name="tiny4"))
+
+
+def _all_strategies(policy_file):
+    return [
+        ExitConfig(strategy="policy", heads=policy_file),
+        ExitConfig(strategy="confidence", threshold=0.5),
+        ExitConfig(strategy="entropy", threshold=0.5),
+        ExitConfig(strategy="patience", patience=1),
+        ExitConfig(strategy="saturation", threshold=0.5),
+        ExitConfig(strategy="hash", hash_method="random"),
+        ExitConfig(strategy="hash", exit_layers="1,3"),
+        ExitConfig(strategy="cascade", exit_layer=2, threshold=0.5),
+        ExitConfig(strategy="confidence", threshold=0.5, kv_fill="recompute"),
+        ExitConfig(strategy="entropy", threshold=0.5, kv_fill="copy-kv"),
+        ExitConfig(strategy="patience", patience=1, kv_fill="propagate-raw"),
+    ]
+
+
+def _ids(results):
+    return [r.token_ids for r in results]
+
+
+@pytest.mark.parametrize("strategy", ["policy", "confidence", "entropy", "patience", "saturation", "hash"])
+def test_every_strategy_with_no_candidate_layer_equals_the_full_model_token_for_token(
+        model4, policy_file, strategy):
+    L = model4.n_layers
+    full = cee_gen.generate(model4, PROMPTS, max_new_tokens=16)
+    ex = ExitConfig(strategy=strategy, min_exit_layer=L, heads=policy_file if strategy == "policy" else None)
+    got = cee_gen.generate(model4, PROMPTS, max_new_tokens=16, exit=ex)
+    assert _ids(got) == _ids(full)
+    assert all(set(r.stats["layers_per_token"]) == {L} for r in got)
+
+
+def test_exits_disabled_is_the_plain_full_depth_step(model4):
+    a = cee_gen.generate(model4, PROMPTS, max_new_tokens=16)
+    b = cee_gen.generate(model4, PROMPTS, max_new_tokens=16, exit=ExitConfig(strategy="full"))
+    assert _ids(a) == _ids(b) and b[0].stats["kv_fill"] is None
+
+
+def test_policy_that_always_exits_at_k_gives_the_static_k_tokens(model4, tmp_path):
+    k = 2
+    h = ExitHeads(model4.net, [1, 2, 3], policy="linear")
+    with torch.no_grad():
+        for x in (1, 2, 3):
+            h.policies[str(x)].net.weight.zero_()
+            h.policies[str(x)].net.bias.fill_(10.0 if x == k else -10.0)  # p = 1 at k, 0 elsewhere
+    path = h.save(tmp_path / "at2.safetensors")
+    pol = cee_gen.generate(model4, PROMPTS, max_new_tokens=12,
+                           exit=ExitConfig(strategy="policy", heads=str(path)))
+    static = cee_gen.generate(model4, PROMPTS, max_new_tokens=12,
+                              exit=ExitConfig(strategy="static", exit_layer=k))
+    assert _ids(pol) == _ids(static)
+    assert all(r.stats["layers_per_token"][1:] == [k] * (len(r.token_ids) - 1) for r in pol)
+
+
+def test_batch_rows_exiting_at_different_layers_equal_one_by_one(model4, policy_file):
+    for ex in _all_strategies(policy_file):
+        one = cee_gen.generate(model4, PROMPTS, max_new_tokens=14, batch_size=1, exit=ex)
+        many = cee_gen.generate(model4, PROMPTS, max_new_tokens=14, batch_size=len(PROMPTS), exit=ex)
+        assert _ids(many) == _ids(one), ex
+        assert [r.stats["layers_per_token"] for r in many] == [r.stats["layers_per_token"] for r in one], ex
+        depths = {d for r in many for d in r.stats["layers_per_token"][1:]}
+        assert len(depths) > 1, f"{ex}: every token exited at the same layer; the test proves nothing"
+
+
+def test_exited_rows_are_not_computed_in_deeper_layers(model4):
+    net, L = model4.net, model4.n_layers
+    seen = []
+    hook = net.layers[L - 1].register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    try:
+        res = cee_gen.generate(model4, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS), chat=False,
+                               exit=ExitConfig(strategy="confidence", threshold=0.5))
+    finally:
+        hook.remove()
+    deep = sum(r.stats["layers_per_token"][1:].count(L) for r in res)  # decode tokens that ran layer L
+    assert sum(seen[1:]) == deep  # seen[0] is the prefill
+    assert min(seen[1:]) < len(PROMPTS)
+
+
+def test_exit_step_fills_propagate_kv_for_the_exited_rows_only(model4):
+    from test_kv_fill import _expected_kv
+
+    net, a, k, S = model4.net, model4.args, 2, 16
+    pad = torch.tensor([0, 1])
+    tokens = torch.tensor([[5, 6, 7], [0, 8, 9]])
+    cache = StaticKVCache(a, 2, S, torch.float32, "cpu")
+    with torch.inference_mode():
+        net(tokens, net.make_step(torch.arange(3), pad, S, 3), cache)
+        for t in cache.k + cache.v:
+            t[:, :, 3:].fill_(float("nan"))  # poison every slot from the decode step on
+        ref = StaticKVCache(a, 2, S, torch.float32, "cpu")
+        for j in range(a.n_layers):
+            ref.k[j].copy_(cache.k[j])
+            ref.v[j].copy_(cache.v[j])
+        run = ExitRun(Static(k, a.n_layers), ExitHeads.logit_lens(net), "propagate")
+        tok = torch.tensor([[11], [12]])
+        Decoder(net).exit_step(cache, tok, [11, 12], 3, pad, [1], run, BatchTimings(), None)
+        step = net.make_step(torch.tensor([3]), pad[1:], S, 4)
+        one = StaticKVCache(a, 1, S, torch.float32, "cpu")
+        for j in range(a.n_layers):
+            one.k[j].copy_(ref.k[j][1:])
+            one.v[j].copy_(ref.v[j][1:])
+        h = net.forward_layers(net.embed(tok[1:]), 0, k, step, one)  # row 1 alone, independently
+    for j in range(a.n_layers):
+        assert torch.isnan(cache.k[j][0, :, 3]).all() and torch.isnan(cache.v[j][0, :, 3]).all()
+        if j < k:
+            torch.testing.assert_close(cache.k[j][1:, :, 3], one.k[j][:, :, 3])
+        else:
+            ek, ev = _expected_kv(net.layers[j], a, h, step, norm=True)
+            torch.testing.assert_close(cache.k[j][1:, :, 3:4], ek, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(cache.v[j][1:, :, 3:4], ev, atol=1e-5, rtol=1e-5)
+
+
+def test_recompute_makes_the_deep_kv_equal_the_full_models_on_the_same_tokens(model4):
+    net, a, S = model4.net, model4.args, 16
+    L, k = a.n_layers, 1
+    pad = torch.zeros(1, dtype=torch.long)
+    seq = [5, 6, 7, 9, 10, 11, 12]  # prompt 5 6 7; then exits at k, at 2, at L, at k
+    depths = [k, 2, L, k]
+    heads = ExitHeads.logit_lens(net)
+    dec, pending, tm = Decoder(net), _Pending(1), BatchTimings()
+    cache = StaticKVCache(a, 1, S, torch.float32, "cpu")
+    ref = StaticKVCache(a, 1, S, torch.float32, "cpu")
+    with torch.inference_mode():
+        net(torch.tensor([seq[:3]]), net.make_step(torch.arange(3), pad, S, 3), cache)
+        logits = []
+        for i, d in enumerate(depths):
+            run = ExitRun(Static(d, L), heads, "recompute")
+            slot = 3 + i
+            out, depth = dec.exit_step(cache, torch.tensor([[seq[slot]]]), [seq[slot]], slot, pad, [0],
+                                       run, tm, pending)
+            assert depth == {0: d}
+            logits.append(out)
+            if i == 0:  # the exited token waits: nothing is written in the layers it skipped
+                assert (cache.k[1][0, :, 3] == 0).all()
+            if i == 1:  # the next token ran layer 2 and took it along: layer 2 caught up, deeper not
+                assert (cache.k[1][0, :, 3] != 0).any() and (cache.k[L - 1][0, :, 3:5] == 0).all()
+        full_logits = net(torch.tensor([seq]), net.make_step(torch.arange(7), pad, S, 7), ref)
+    # after the full-depth token (slot 5) every layer holds the full model's KV for slots 0..5
+    for j in range(L):
+        torch.testing.assert_close(cache.k[j][:, :, :6], ref.k[j][:, :, :6], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(cache.v[j][:, :, :6], ref.v[j][:, :, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[2][0], full_logits[0, 5], atol=1e-4, rtol=1e-4)
+    assert len(pending.rows[0]) == 1 and pending.rows[0][0][:2] == (6, k)  # the last exit waits
+    # slot 3 ran layer 2 with slot 4; then slots 3 and 4 ran layers 3..L with slot 5
+    assert tm.recompute_rows == (2 - k) + 2 * (L - 2)
+
+
+def test_stats_carry_exit_telemetry(model4, policy_file):
+    [r] = cee_gen.generate(model4, PROMPTS[0], max_new_tokens=10,
+                           exit=ExitConfig(strategy="policy", heads=policy_file, threshold=0.5))
+    s = r.stats
+    n = len(r.token_ids)
+    assert s["exit"] == "policy" and s["kv_fill"] == "propagate" and s["threshold"] == 0.5
+    assert len(s["layers_per_token"]) == n and s["layers_per_token"][0] == model4.n_layers
+    assert sum(s["exit_histogram"].values()) == n - 1
+    assert s["mean_layers"] == pytest.approx(sum(s["layers_per_token"]) / n)
+    assert s["ideal_speedup"] == pytest.approx(model4.n_layers / s["mean_layers"])
+    assert s["decision_s"] > 0 and s["fill_s"] >= 0 and s["candidate_layers"] == [1, 2, 3]
+
+
+def test_compile_with_a_per_token_strategy_is_a_clear_error(model4):
+    with pytest.raises(cee_gen.CeeGenError, match="drop --compile"):
+        cee_gen.generate(model4, "hi", compile=True, exit=ExitConfig(strategy="confidence"))
+
+
+def test_policy_without_policy_heads_names_the_fix(model4):
+    with pytest.raises(cee_gen.CeeGenError, match="needs policy heads.*--heads"):
+        cee_gen.generate(model4, "hi", exit=ExitConfig(strategy="policy"))
+
+
+def test_cli_show_exits_colours_tokens_and_prints_a_histogram(model4, policy_file, capsys):
+    from test_cli import run_cli
+
+    code, out, err = run_cli(["--model", str(model4.path), "--max-new-tokens", "8", "--exit", "policy",
+                              "--heads", policy_file, "--show-exits", "the quick"], capsys)
+    assert code == 0
+    assert "\x1b[38;5;" in out  # coloured tokens
+    assert "exit layers (" in err and "layer   4" in err
+
+
+def test_cli_exit_flags_reach_the_engine(model4, capsys):
+    from test_cli import run_cli
+
+    code, out, _ = run_cli(["--model", str(model4.path), "--max-new-tokens", "6", "--json", "--exit",
+                            "entropy", "--threshold", "0.5", "--exit-layers", "1,3", "--kv-fill",
+                            "recompute", "the quick"], capsys)
+    s = json.loads(out)["stats"]
+    assert code == 0 and s["exit"] == "entropy" and s["kv_fill"] == "recompute"
+    assert s["threshold"] == 0.5 and s["candidate_layers"] == [1, 3]
+    assert set(s["layers_per_token"][1:]) <= {1, 3, 4}
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--exit", "policy", "--heads", "/nonexistent/h.safetensors"], "does not exist"),
+    (["--exit", "confidence", "--threshold", "7"], "must be in"),
+    (["--exit", "entropy", "--exit-layers", "every:x"], "every:K"),
+])
+def test_cli_bad_exit_flags_are_one_line_errors(model4, capsys, argv, words):
+    from test_cli import run_cli
+
+    code, out, err = run_cli(["--model", str(model4.path), *argv, "hi"], capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_quickfit_writes_policy_heads_that_drive_the_policy_strategy(model4, tmp_path):
+    from cee_gen.exits import quickfit
+
+    out = tmp_path / "q.safetensors"
+    assert quickfit.main(["--model", str(model4.path), "--out", str(out), "--prompts", "3",
+                          "--new-tokens", "6", "--steps", "20"]) == 0
+    [r] = cee_gen.generate(model4, PROMPTS[0], max_new_tokens=6,
+                           exit=ExitConfig(strategy="policy", heads=str(out)))
+    assert r.stats["exit"] == "policy" and len(r.token_ids) > 0
+
+
+HEADS = Path(__file__).parent.parent / "heads" / "smollm2-135m-instruct-quickfit.safetensors"
+
+
+@pytest.mark.default_model
+def test_committed_quickfit_heads_match_the_default_model(default_model):
+    from cee_gen.exits.heads import load_heads
+
+    heads = load_heads(HEADS, default_model.net, default_model.name)
+    assert heads.layers == list(range(1, default_model.n_layers)) and heads.has_policy
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("ex", [
+    ExitConfig(strategy="static", exit_layer=22),
+    ExitConfig(strategy="policy", heads=str(HEADS), threshold=0.99),
+    ExitConfig(strategy="confidence", threshold=0.9, exit_layers="every:2", min_exit_layer=16),
+    ExitConfig(strategy="entropy", threshold=0.05, exit_layers="every:2", min_exit_layer=16),
+    ExitConfig(strategy="patience", patience=2, exit_layers="every:2", min_exit_layer=16),
+    ExitConfig(strategy="saturation", threshold=0.95, min_exit_layer=16),
+    ExitConfig(strategy="hash", exit_layers="24,26,28"),
+    ExitConfig(strategy="cascade", exit_layer=24, threshold=0.9),
+    ExitConfig(strategy="policy", heads=str(HEADS), threshold=0.99, kv_fill="recompute"),
+], ids=lambda ex: f"{ex.strategy}-{ex.fill}")
+def test_every_strategy_runs_end_to_end_on_the_default_model(default_model, ex):
+    prompts = ["Give three tips for staying healthy.", "Hi"]
+    one = cee_gen.generate(default_model, prompts, max_new_tokens=10, batch_size=1, exit=ex)
+    many = cee_gen.generate(default_model, prompts, max_new_tokens=10, batch_size=2, exit=ex)
+    assert _ids(many) == _ids(one)
+    L = default_model.n_layers
+    for r in many:
+        s = r.stats
+        assert r.text and s["layers_per_token"][0] == L and all(1 <= d <= L for d in s["layers_per_token"])
+        assert s["ideal_speedup"] == pytest.approx(L / s["mean_layers"])
