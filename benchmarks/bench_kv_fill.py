@@ -4,8 +4,10 @@
 
 Random weights in the default model's real shapes time the same as the real ones (nothing here
 depends on values). For one decode token (batch 1) exiting after layer e, we time: the fill of
-layers [e, L) in each mode, and running layers [e, L) for real (what the fill replaces). Median of
-repeats after a warm-up; one JSON object per line appended to --out.
+layers [e, L) in each mode, and running layers [e, L) for real (what the fill replaces). `recompute`
+fills nothing at exit time; its cost is paid later, when the next deep token of the row carries the
+waiting token through layers [e, L) as an extra query: timed as layers [e, L) with 2 queries minus
+with 1. Median of repeats after a warm-up; one JSON object per line appended to --out.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import git_commit, machine_info, versions  # noqa: E402
 
 from cee_gen.cache import StaticKVCache  # noqa: E402
-from cee_gen.kv_fill import MODES, KVFiller  # noqa: E402
+from cee_gen.kv_fill import FILL_MODES, KVFiller  # noqa: E402
 from cee_gen.model import ModelArgs, Transformer  # noqa: E402
 
 SMOLLM2 = ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
@@ -67,7 +69,14 @@ def main(argv=None) -> None:
                                       args.repeats)
         recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
                      "what": "run skipped layers", "ms": round(layers_ms, 3)})
-        for mode in MODES:
+        step2 = net.make_step(torch.tensor([[slot - 1, slot]]), pad, 512, slot + 1)  # per-row slots
+        h2 = torch.randn(1, 2, a.dim)
+        two_ms = 1e3 * median_time(
+            lambda e=e, h2=h2, s2=step2: net.forward_layers(h2, e, a.n_layers, s2, cache), args.repeats)
+        recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
+                     "what": "recompute (marginal)", "ms": round(two_ms - layers_ms, 3),
+                     "fraction_of_skipped_layers": round((two_ms - layers_ms) / layers_ms, 3)})
+        for mode in FILL_MODES:
             ms = 1e3 * median_time(lambda m=mode, e=e: filler.fill(cache, h, e, step, m), args.repeats)
             recs.append({**common, "exit_layer": e, "skipped_layers": a.n_layers - e,
                          "what": f"fill {mode}", "ms": round(ms, 3),

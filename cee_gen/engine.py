@@ -208,6 +208,8 @@ class Decoder:
             idx = torch.tensor([i for i, e in enumerate(ex) if e], device=dev)
             if sig is not None and sig._logits is not None:
                 logits[rows[idx]] = sig.logits[idx]
+            elif len(idx) == len(host_rows):
+                logits[rows] = heads.logits(stop, h[:, 0])
             else:
                 logits[rows[idx]] = heads.logits(stop, h[idx, 0])
             for i in idx.tolist():
@@ -217,7 +219,9 @@ class Decoder:
                     t0 = time.perf_counter()
                     if self._filler is None:
                         self._filler = KVFiller(net)
-                    self._filler.fill(cache, h[idx], stop, step.select(idx), run.kv_fill)
+                    every = len(idx) == len(host_rows)  # all running rows exit: no gather needed
+                    self._filler.fill(cache, h if every else h[idx], stop,
+                                      step if every else step.select(idx), run.kv_fill)
                     tm.fill_s += time.perf_counter() - t0
                 else:  # every real query of the row waits for a deeper token of its row
                     s_host = slots.tolist() if slots is not None else None
