@@ -62,13 +62,38 @@ def static_exit_table(recs: list[dict]) -> str:
         f"Measured on the full-depth run: t_layer {r0['t_layer_ms']} ms, t_other {r0['t_other_ms']} ms "
         "(embedding, final norm, LM head, token choice).",
         "",
-        "| exit | layers run | KV fill | ms/token | measured speed-up | ideal speed-up | measured / ideal |",
-        "|---|---|---|---|---|---|---|",
+        "| exit | layers run | KV fill | ms/token | of which KV fill | measured speed-up | ideal speed-up "
+        "| measured / ideal |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
+        fill = f"{r['fill_ms_per_token']:.2f}" if "fill_ms_per_token" in r else "-"
         lines.append(f"| {r['exit']} | {r['exit_layer']} | {r['kv_fill'] or '-'} | {r['ms_per_token']:.1f} "
-                     f"| {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+                     f"| {fill} | {r['measured_speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
                      f"| {r['measured_over_ideal']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def strategies_table(recs: list[dict]) -> str:
+    r0 = recs[0]
+    lines = [
+        f"Every strategy, {r0['model']}, {r0['dtype']}, {r0['engine']}, batch 1, greedy, {r0['prompts']} "
+        f"held-out prompts x {r0['new_tokens']} new tokens (EOS ignored), median of {r0['repeats']} repeats; "
+        f"{r0['machine']['cpu']}, {r0['machine']['cores']} cores; commit `{r0['commit']}`. t_layer "
+        f"{r0['t_layer_ms']} ms, t_other {r0['t_other_ms']} ms. Quality is measured against the full "
+        "model's own output (ROUGE-L F; share of tokens before the first divergence).",
+        "",
+        "| setting | KV fill | mean layers | ideal L/mean | ideal, cost-aware | measured speed-up "
+        "| ms/token | decisions ms/token | KV fill ms/token | ROUGE-L vs full | agreeing prefix |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in recs:
+        lines.append(
+            f"| {r['setting']} | {r['kv_fill'] or '-'} | {r['mean_layers']:.1f} | {r['ideal_speedup']:.2f}x "
+            f"| {r['ideal_speedup_cost_aware']:.2f}x | {r['measured_speedup']:.2f}x "
+            f"| {r['ms_per_token']:.1f} "
+            f"| {r['decision_ms_per_token']:.2f} | {r['fill_ms_per_token']:.2f} | {r['rougeL_vs_full']:.3f} "
+            f"| {r['prefix_agreement_vs_full']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -83,10 +108,15 @@ def main(argv=None) -> None:
     static = args.path.parent / "static_exit_cpu.jsonl"
     static_table = static_exit_table(load_latest_run(static)) if static.exists() else ""
     print(static_table)
+    strat = args.path.parent / "strategies_cpu.jsonl"
+    strat_table = strategies_table(load_latest_run(strat)) if strat.exists() else ""
+    print(strat_table)
     if args.write:
         args.path.with_suffix(".md").write_text(table)
         if static_table:
             static.with_suffix(".md").write_text(static_table)
+        if strat_table:
+            strat.with_suffix(".md").write_text(strat_table)
 
 
 if __name__ == "__main__":

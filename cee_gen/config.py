@@ -125,6 +125,8 @@ class ExitConfig:
     hash_method: str = _f("frequency", "hash: frequency (frequent tokens exit shallow; BPE id order "
                           "stands for frequency) or random (a fixed random layer per token id)",
                           choices=HASH_METHODS)
+    cascade_model: str | None = _f(None, "cascade: a smaller complete checkpoint with the same tokenizer "
+                                   "as the small model (instead of the first --exit-layer layers)")
     kv_fill: str | None = _f(None, "KV of skipped layers: propagate (default; RMSNorm + K/V projection "
                              "of the exit state), propagate-raw, copy-kv, recompute (exact: run the "
                              "exit state through the deeper layers with the next deep token; "
@@ -141,9 +143,16 @@ class ExitConfig:
             bad(f"unknown kv_fill {self.kv_fill!r}: use one of {', '.join(KV_FILL_MODES)}")
         if self.hash_method not in HASH_METHODS:
             bad(f"unknown hash_method {self.hash_method!r}: use one of {', '.join(HASH_METHODS)}")
-        if s in ("static", "cascade"):
+        if self.cascade_model is not None and s != "cascade":
+            bad(f"cascade_model is for the cascade strategy, not {s}")
+        if s == "cascade" and self.cascade_model is not None:
+            if self.exit_layer is not None:
+                bad("cascade takes either exit_layer (the first K layers as the small model) or "
+                    "cascade_model (a second checkpoint), not both")
+        elif s in ("static", "cascade"):
             if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
-                bad(f"exit {s} needs exit_layer, a positive number of layers (--exit-layer K)")
+                bad(f"exit {s} needs exit_layer, a positive number of layers (--exit-layer K)"
+                    + (", or cascade_model (--cascade-model PATH)" if s == "cascade" else ""))
             if L is not None and self.exit_layer > L:
                 bad(f"exit_layer {self.exit_layer} is deeper than the model's {L} layers: use 1..{L}")
             if s == "cascade" and L is not None and self.exit_layer >= L:

@@ -12,6 +12,9 @@ Two decode steps:
   only (gathered: exited and finished rows cost nothing deeper). With kv_fill `recompute` a row's
   exited positions wait in `_Pending` and re-enter as extra queries at their exit layer, with the
   next token of the row that goes deeper (EE-LLM's KV recomputation), so their deep KV is exact.
+- `Decoder.cascade_step`: CascadeBERT with a second, smaller checkpoint. The small model runs every
+  token; the large one runs only for rows where the small one is unsure, first catching up on the
+  tokens it has not seen (one forward over the row's backlog, per-row slots).
 
 Host syncs: one per generated token (`tolist()` of the chosen ids: EOS, stop strings, streaming),
 plus, for decided strategies, one per candidate layer (`tolist()` of the exit mask: whether to run
@@ -43,6 +46,7 @@ class ExitRun:
     strategy: Strategy
     heads: ExitHeads
     kv_fill: str = "propagate"
+    small: Transformer | None = None  # cascade with a second checkpoint: the small model
 
     @property
     def uniform_depth(self) -> int | None:
@@ -244,6 +248,53 @@ class Decoder:
                 slots, real = slots[kt], real[kt]
         return logits, depth
 
+    def cascade_step(self, cache: StaticKVCache, small_cache: StaticKVCache, seq: torch.Tensor,
+                     slot: int, pad: torch.Tensor, alive: list[int], run: ExitRun, tm: BatchTimings,
+                     seen: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
+        """CascadeBERT with two checkpoints: the small model runs every token; rows where its max
+        probability is below the threshold run the large model, which first catches up on the
+        tokens it has not seen (slots seen[b]..slot, in one forward with per-row slots).
+
+        seq (B, S) holds every row's token ids by slot. Returns logits (B, V) and {row: layers run}
+        (small model's layers, plus the large model's when it took over: CascadeBERT's accounting).
+        """
+        net, small, strat = self.net, run.small, run.strategy
+        B, dev = seq.shape[0], seq.device
+        n_slots = cache.k[0].shape[2]
+        rows = torch.tensor(alive, device=dev)
+        sub = None if len(alive) == B else rows
+        tok = seq[rows, slot][:, None]  # (b, 1)
+        step = small.make_step(torch.tensor([slot], device=dev), pad[rows], small_cache.k[0].shape[2],
+                               slot + 1, rows=sub)
+        hs = small.forward_layers(small.embed(tok), 0, small.args.n_layers, step, small_cache)
+        logits = torch.zeros(B, net.args.vocab_size, device=dev)
+        ls = small.head(hs)[:, -1].float()  # (b, V)
+        logits[rows] = ls
+        t0 = time.perf_counter()
+        ok = (ls.softmax(-1).amax(-1) >= strat.t).tolist()  # the data-dependent sync
+        tm.decision_s += time.perf_counter() - t0
+        Ls, L = small.args.n_layers, net.args.n_layers
+        depth = {r: Ls for r, c in zip(alive, ok) if c}
+        big = [r for r, c in zip(alive, ok) if not c]
+        if big:
+            back = [slot + 1 - seen[r] for r in big]  # tokens the large model has not seen, current included
+            Q, br = max(back), torch.tensor(big, device=dev)
+            if Q == 1:
+                ip = torch.tensor([slot], device=dev)
+                toks = seq[br, slot][:, None]
+            else:  # left-padded to Q columns with the scratch slot, so the current token is last
+                ip = torch.full((len(big), Q), n_slots - 1, device=dev)
+                for i, (r, n) in enumerate(zip(big, back)):
+                    ip[i, Q - n:] = torch.arange(seen[r], slot + 1, device=dev)
+                toks = seq[br[:, None], ip]  # (u, Q)
+            step = net.make_step(ip, pad[br], n_slots, slot + 1, rows=None if len(big) == B else br)
+            h = net.forward_layers(net.embed(toks), 0, L, step, cache)  # (u, Q, D)
+            logits[br] = net.head(h[:, -1:])[:, -1].float()
+            tm.recompute_rows += (sum(back) - len(big)) * L
+            for r in big:
+                seen[r], depth[r] = slot + 1, Ls + L
+        return logits, depth
+
     def new_cache(self, batch: int, n_slots: int) -> StaticKVCache:
         w = self.net.tok_embeddings.weight
         cache = StaticKVCache(self.net.args, batch, n_slots, w.dtype, w.device)
@@ -276,9 +327,11 @@ def generate_batch(
     L = net.args.n_layers
     B, T = len(prompts), max(len(p) for p in prompts)
     n_new = min(cfg.max_new_tokens, net.args.max_position_embeddings - T)
-    recompute = exit is not None and exit.kv_fill == "recompute"
-    # recompute pads its extra queries to a scratch slot past every real one
-    n_slots = min(cache_slots(T + n_new + recompute), net.args.max_position_embeddings + recompute)
+    small = exit.small if exit is not None else None
+    recompute = exit is not None and exit.kv_fill == "recompute" and small is None
+    # recompute and the cascade's catch-up pad their extra queries to a scratch slot past every real one
+    scratch = int(recompute or small is not None)
+    n_slots = min(cache_slots(T + n_new + scratch), net.args.max_position_embeddings + scratch)
     # One depth for every token (full; static when compiled): the plain step. Else the exit step.
     uniform = L if exit is None or exit.strategy.name == "full" else (
         exit.uniform_depth if decoder.compiled else None)
@@ -306,6 +359,13 @@ def generate_batch(
     step = net.make_step(torch.arange(T, device=dev), pad, n_slots, kv_len=T)
     h = net.forward_layers(net.embed(tokens), 0, L, step, cache)  # (B, T, D)
     cache.advance(0, L, T)
+    if small is not None:  # the cascade's small model reads the prompt too; the large one emits first
+        small_cache = StaticKVCache(small.args, B, n_slots, cache.k[0].dtype, dev)
+        s_step = small.make_step(torch.arange(T, device=dev), pad, n_slots, kv_len=T)  # its own RoPE
+        small.forward_layers(small.embed(tokens), 0, small.args.n_layers, s_step, small_cache)
+        seq = torch.full((B, n_slots), pad_id, dtype=torch.long, device=dev)  # token ids by slot
+        seq[:, :T] = tokens
+        large_seen = [T] * B  # the large model has run every row's slots below this
     logits = net.head(h[:, -1:])[:, -1].float()  # (B, V): only the last position needs the LM head
     compile_before = decoder.compile_s
     t1 = None
@@ -333,6 +393,11 @@ def generate_batch(
         if uniform is not None:
             logits = decoder.step(cache, nxt[:, None], T + i, pad, uniform,
                                   exit.kv_fill if exit else "propagate")
+        elif small is not None:
+            alive = [b for b in range(B) if not done[b]]
+            seq[:, T + i] = nxt
+            logits, last_depth = decoder.cascade_step(cache, small_cache, seq, T + i, pad, alive, exit,
+                                                      timings, large_seen)
         else:
             alive = [b for b in range(B) if not done[b]]
             logits, last_depth = decoder.exit_step(cache, nxt[:, None], ids, T + i, pad, alive, exit,

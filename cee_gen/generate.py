@@ -70,7 +70,24 @@ def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
     heads = exit_heads(model, ex.heads)
     special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
     strat = make_strategy(ex, heads, model.args.vocab_size, special)
-    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill)
+    small = None if ex.cascade_model is None else cascade_model(model, ex.cascade_model).net
+    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small)
+
+
+def cascade_model(model: Model, path: str) -> Model:
+    """The cascade's small model, loaded once, in the large model's dtype and device."""
+    from cee_gen.loading import load_model
+
+    small = model.cascade_models.get(path)
+    if small is None:
+        dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
+        small = load_model(path, dtype=dtype, device=str(model.device))
+        if small.args.vocab_size != model.args.vocab_size or \
+                small.tokenizer.get_vocab() != model.tokenizer.get_vocab():
+            raise CeeGenError(f"cascade model {path} has another tokenizer than {model.name}: the small "
+                              "and the large model must share one vocabulary")
+        model.cascade_models[path] = small
+    return small
 
 
 def _cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:

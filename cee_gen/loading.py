@@ -36,6 +36,7 @@ class Model:
     meta: dict = field(default_factory=dict)
     decoders: dict = field(default_factory=dict, repr=False)  # compile flag -> engine.Decoder
     exit_heads: dict = field(default_factory=dict, repr=False)  # heads path (None: logit lens) -> ExitHeads
+    cascade_models: dict = field(default_factory=dict, repr=False)  # path -> small Model (cascade)
 
     @property
     def device(self) -> torch.device:

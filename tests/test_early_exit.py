@@ -282,3 +282,55 @@ def test_every_strategy_runs_end_to_end_on_the_default_model(default_model, ex):
         s = r.stats
         assert r.text and s["layers_per_token"][0] == L and all(1 <= d <= L for d in s["layers_per_token"])
         assert s["ideal_speedup"] == pytest.approx(L / s["mean_layers"])
+
+
+@pytest.fixture(scope="module")
+def small2(tmp_path_factory):
+    """A 2-layer checkpoint with the same tokenizer: the cascade's small model."""
+    path = tmp_path_factory.mktemp("tiny2")
+    make_tiny_checkpoint(path, n_layers=2, seed=7)
+    return str(path)
+
+
+def _teacher_forced_argmax(model, ids):
+    net, S = model.net, len(ids)
+    cache = StaticKVCache(model.args, 1, S, torch.float32, "cpu")
+    with torch.inference_mode():
+        logits = net(torch.tensor([ids]), net.make_step(torch.arange(S), torch.zeros(1, dtype=torch.long),
+                                                         S, S), cache)
+    return logits[0].argmax(-1).tolist()
+
+
+def test_cascade_with_a_second_checkpoint_emits_each_token_from_the_model_that_decided(model4, small2):
+    small = cee_gen.load_model(small2, dtype="float32", device="cpu")
+    Ls, L = small.n_layers, model4.n_layers
+    kinds = set()
+    for r in cee_gen.generate(model4, PROMPTS, max_new_tokens=16, chat=False,
+                              exit=ExitConfig(strategy="cascade", cascade_model=small2, threshold=0.5)):
+        seq = r.prompt_token_ids + r.token_ids
+        P = len(r.prompt_token_ids)
+        big, little = _teacher_forced_argmax(model4, seq), _teacher_forced_argmax(small, seq)
+        for i, (t, d) in enumerate(zip(r.token_ids, r.stats["layers_per_token"])):
+            assert d in (L, Ls, Ls + L)
+            want = little if d == Ls else big  # the large model caught up on every token it skipped
+            assert t == want[P - 1 + i], (i, d)
+            kinds.add(d)
+    assert {Ls, Ls + L} <= kinds  # both models emitted tokens: the catch-up was exercised
+
+
+def test_cascade_with_a_second_checkpoint_batch_equals_one_by_one(model4, small2):
+    ex = ExitConfig(strategy="cascade", cascade_model=small2, threshold=0.5)
+    one = cee_gen.generate(model4, PROMPTS, max_new_tokens=14, batch_size=1, exit=ex)
+    many = cee_gen.generate(model4, PROMPTS, max_new_tokens=14, batch_size=len(PROMPTS), exit=ex)
+    assert _ids(many) == _ids(one)
+    assert [r.stats["layers_per_token"] for r in many] == [r.stats["layers_per_token"] for r in one]
+
+
+@pytest.mark.parametrize("ex, words", [
+    (ExitConfig(strategy="cascade", cascade_model="x", exit_layer=2), "not both"),
+    (ExitConfig(strategy="entropy", cascade_model="x"), "cascade_model is for the cascade"),
+    (ExitConfig(strategy="cascade", cascade_model="/nonexistent/small"), "does not exist"),
+])
+def test_bad_cascade_settings_are_clear_errors(model4, ex, words):
+    with pytest.raises(cee_gen.CeeGenError, match=words):
+        cee_gen.generate(model4, "hi", exit=ex)

@@ -17,9 +17,11 @@ the strategy reads it. Layer L is always the last resort. Sources (shared/refere
   bucketed over the candidate layers; `frequency` gives frequent tokens the shallow buckets (BPE ids
   are merge-ordered, so id order stands for frequency), `random` a fixed random bucket per id.
   Special tokens run at full depth, as in HashEE.
-- `cascade`: CascadeBERT (Li et al., EMNLP Findings 2021, §4) for decoders: the first k layers with
-  their own exit head are the small model; when its max probability is below t the full model
-  takes over, first catching up (kv_fill `recompute`) on the tokens it has not seen.
+- `cascade`: CascadeBERT (Li et al., EMNLP Findings 2021, §4) for decoders: the small model is either
+  the first k layers with their own exit head, or a second, smaller checkpoint with the same
+  tokenizer; when its max probability is below t the large model takes over, first catching up on
+  the tokens it has not seen (for the truncated model: kv_fill `recompute` of layers k..L; for a
+  second checkpoint: the whole backlog of tokens, in one batched forward).
 """
 
 from __future__ import annotations
@@ -202,7 +204,8 @@ class Saturation(Strategy):
 
 
 class Cascade(Confidence):
-    """The small model = layers 1..k + its exit head; below threshold the full model takes over."""
+    """The small model = layers 1..k + its exit head, or a second checkpoint (ExitRun.small, run by
+    Decoder.cascade_step); below the threshold the large model takes over."""
 
     name = "cascade"
 
@@ -216,6 +219,8 @@ def make_strategy(ex: ExitConfig, heads: ExitHeads, vocab_size: int, special_ids
     if s == "static":
         return Static(ex.exit_layer, L)
     if s == "cascade":
+        if ex.cascade_model is not None:  # a second checkpoint: the engine's cascade step
+            return Cascade([], L, ex.thresh)
         if ex.exit_layer not in heads.layers:
             raise CeeGenError(f"cascade exit_layer {ex.exit_layer} has no exit head (the heads file "
                               f"covers {heads.layers})")
