@@ -94,6 +94,11 @@ def strategies_table(recs: list[dict]) -> str:
             f"| {r['ms_per_token']:.1f} "
             f"| {r['decision_ms_per_token']:.2f} | {r['fill_ms_per_token']:.2f} | {r['rougeL_vs_full']:.3f} "
             f"| {r['prefix_agreement_vs_full']:.2f} |")
+    lines += ["", "The first prompt's output (\"Explain how a rainbow forms.\"), first 160 characters:", "",
+              "| setting | output |", "|---|---|"]
+    for r in recs:
+        text = " ".join(r["sample"].split()).replace("|", "\\|")
+        lines.append(f"| {r['setting']} | {text} |")
     return "\n".join(lines) + "\n"
 
 
