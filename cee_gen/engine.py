@@ -109,6 +109,21 @@ def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, inpu
     return net.head(h, gemv)[:, -1].float()
 
 
+def _append_queries(h: torch.Tensor, slots: torch.Tensor, joins: list[list], scratch: int):
+    """recompute: add each row's joining pending positions as query columns, padded across rows.
+
+    h (b, Q, D), slots (b, Q); joins[i] = row i's entries (slot, e, state (D,)). Padding columns
+    get a zero state and the scratch slot. Returns h (b, Q + n, D), slots (b, Q + n).
+    """
+    b, n = len(joins), max(len(x) for x in joins)
+    new_h = h.new_zeros(b, n, h.shape[-1])  # (b, n, D)
+    new_s = torch.full((b, n), scratch, device=h.device)
+    for i, x in enumerate(joins):
+        for c, (s, _, state) in enumerate(x):
+            new_h[i, c], new_s[i, c] = state, s
+    return torch.cat([h, new_h], 1), torch.cat([slots, new_s], 1)
+
+
 class Decoder:
     """Owns the (optionally compiled) decode step for one model."""
 
@@ -166,7 +181,7 @@ class Decoder:
         padr = pad[rows]
         step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, slot + 1,
                              rows=None if len(alive) == B else rows)
-        slots = real = None  # recompute: per-row slots (b, Q) and which columns are real (b, Q)
+        slots = None  # recompute: per-row slots (b, Q) of the queries (scratch = padding)
         extra = [0] * len(host_rows)  # recompute: real pending columns each running row carries
         plan = strat.plan([tok_ids[r] for r in host_rows]) if strat.planned else None
         stops = sorted(set(plan) | {L}) if plan is not None else strat.layers + [L]
@@ -179,18 +194,10 @@ class Decoder:
             else:
                 for j in range(lo, stop):  # layer by layer: pending positions join at their layer
                     joins = [pending.join(r, j) for r in host_rows]
-                    n = max(len(x) for x in joins)
-                    if n:
+                    if any(joins):
                         if slots is None:
                             slots = torch.full((len(host_rows), 1), slot, device=dev)
-                            real = torch.ones(len(host_rows), 1, dtype=torch.bool, device=dev)
-                        new_h = h.new_zeros(len(host_rows), n, h.shape[-1])  # (b, n, D)
-                        new_s = torch.full((len(host_rows), n), scratch, device=dev)
-                        for i, x in enumerate(joins):
-                            for c, (s_, _, hh) in enumerate(x):
-                                new_h[i, c], new_s[i, c] = hh, s_
-                        h = torch.cat([h, new_h], 1)
-                        slots, real = torch.cat([slots, new_s], 1), torch.cat([real, new_s != scratch], 1)
+                        h, slots = _append_queries(h, slots, joins, scratch)
                         extra = [e + len(x) for e, x in zip(extra, joins)]
                         step = net.make_step(slots, padr, n_slots, slot + 1,
                                              rows=None if len(host_rows) == B else rows)
@@ -230,8 +237,7 @@ class Decoder:
                 else:  # every real query of the row waits for a deeper token of its row
                     s_host = slots.tolist() if slots is not None else None
                     for i in idx.tolist():
-                        cols = range(h.shape[1])
-                        for c in cols:
+                        for c in range(h.shape[1]):
                             s_ = slot if s_host is None else s_host[i][c]
                             if s_ != scratch:
                                 pending.rows[host_rows[i]].append((s_, stop, h[i, c]))
@@ -245,7 +251,7 @@ class Decoder:
             if plan is not None:
                 plan = [plan[i] for i in keep]
             if slots is not None:
-                slots, real = slots[kt], real[kt]
+                slots = slots[kt]
         return logits, depth
 
     def cascade_step(self, cache: StaticKVCache, small_cache: StaticKVCache, seq: torch.Tensor,
