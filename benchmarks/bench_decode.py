@@ -101,6 +101,24 @@ def weight_bytes_per_token(net) -> int:
     return total
 
 
+def time_other(net, cfg, n: int = 20) -> list[float]:
+    """n timings of everything in a decode step but the layers: embedding, final norm + LM head,
+    token choice (t_other of the early-exit benchmarks)."""
+    from cee_gen.sampling import select_next
+
+    h = torch.randn(1, 1, net.args.dim, dtype=net.tok_embeddings.weight.dtype)
+    seen = torch.zeros(1, net.args.vocab_size, dtype=torch.bool)
+    tok = torch.tensor([[5]])
+    out = []
+    with torch.inference_mode():
+        for _ in range(n):
+            t = time.perf_counter()
+            net.embed(tok)
+            select_next(net.head(h)[:, -1].float(), cfg, seen, None)
+            out.append(time.perf_counter() - t)
+    return out
+
+
 def run_ours(decoder, ids: list[int], n: int) -> tuple[float, list[int], float]:
     from cee_gen.config import GenerationConfig
     from cee_gen.engine import generate_batch

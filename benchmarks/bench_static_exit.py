@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import PROMPTS, git_commit, machine_info, versions  # noqa: E402
+from bench_decode import PROMPTS, git_commit, machine_info, time_other, versions  # noqa: E402
 
 
 @torch.inference_mode()
@@ -38,7 +38,6 @@ def main(argv=None) -> None:
     from cee_gen.config import ExitConfig, GenerationConfig
     from cee_gen.engine import Decoder, generate_batch
     from cee_gen.generate import encode_prompt, prepare_exit
-    from cee_gen.sampling import select_next
 
     model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
     net, L = model.net, model.n_layers
@@ -62,15 +61,6 @@ def main(argv=None) -> None:
             fill[("static", depth, mode)].append(tm.fill_s / (args.new_tokens - 1))
         return tm.decode_s / (args.new_tokens - 1)
 
-    # t_other: everything in a step but the layers (embedding, final norm, LM head, token choice).
-    h = torch.randn(1, 1, net.args.dim)
-    seen = torch.zeros(1, net.args.vocab_size, dtype=torch.bool)
-    tok = torch.tensor([[5]])
-
-    def other():
-        net.embed(tok)
-        select_next(net.head(h)[:, -1].float(), cfg, seen, None)
-
     for s in settings:  # warm-up
         per_token_s(s[1], s[2])
     times = {s: [] for s in settings}
@@ -78,10 +68,7 @@ def main(argv=None) -> None:
     for _ in range(args.repeats):
         for s in settings:
             times[s].append(per_token_s(s[1], s[2]))
-        for _ in range(20):
-            t = time.perf_counter()
-            other()
-            t_others.append(time.perf_counter() - t)
+        t_others += time_other(net, cfg)  # t_other; t_layer comes from the full-depth run
     t_other = statistics.median(t_others)
     t_full = statistics.median(times[settings[0]])
     t_layer = (t_full - t_other) / L

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import git_commit, machine_info, versions  # noqa: E402
+from bench_decode import git_commit, machine_info, time_other, versions  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 HEADS = str(ROOT / "heads" / "smollm2-135m-instruct-quickfit.safetensors")
@@ -85,7 +85,6 @@ def main(argv=None) -> None:
     from cee_gen.config import ExitConfig, GenerationConfig
     from cee_gen.engine import Decoder, generate_batch
     from cee_gen.generate import encode_prompt, prepare_exit
-    from cee_gen.sampling import select_next
 
     model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
     net, L, tok = model.net, model.n_layers, model.tokenizer
@@ -106,15 +105,6 @@ def main(argv=None) -> None:
         steps = len(prompts) * (args.new_tokens - 1)
         return tot / steps, dec_s / steps, fill_s / steps, outs
 
-    # t_other: embedding, final norm + LM head, token choice; t_layer from the full-depth run
-    h = torch.randn(1, 1, net.args.dim)
-    seen = torch.zeros(1, net.args.vocab_size, dtype=torch.bool)
-    one = torch.tensor([[5]])
-
-    def other():
-        net.embed(one)
-        select_next(net.head(h)[:, -1].float(), cfg, seen, None)
-
     names = [n for n, _ in settings()]
     for n in names:  # warm-up: one prompt each
         generate_batch(dec, [prompts[0]], GenerationConfig(max_new_tokens=4), pad_id=0, eos_ids=[],
@@ -125,10 +115,7 @@ def main(argv=None) -> None:
         for n in names:
             res[n].append(run(n))
             print(f"  {n}: {1e3 * res[n][-1][0]:.1f} ms/token", file=sys.stderr)
-        for _ in range(20):
-            t = time.perf_counter()
-            other()
-            t_others.append(time.perf_counter() - t)
+        t_others += time_other(net, cfg)  # t_other; t_layer comes from the full-depth run
     t_other = statistics.median(t_others)
     t_full = statistics.median(r[0] for r in res["full"])
     t_layer = (t_full - t_other) / L

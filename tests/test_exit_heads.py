@@ -85,15 +85,20 @@ def test_truncated_heads_file_is_a_clear_error(tiny_model, tmp_path):
         load_heads(path, tiny_model.net)
 
 
-def test_heads_file_missing_tensors_is_a_clear_error(tiny_model, tmp_path):
-    h = _heads(tiny_model)
-    path = h.save(tmp_path / "h.safetensors")
+def _rewrite(path, edit):
+    """Rewrite a heads file through edit(tensors, meta dict) -> (tensors, meta dict)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("policies.2.")}
-    save_file(tensors, str(path), metadata=meta)
+        meta = json.loads(f.metadata()["cee_gen_heads"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = edit(tensors, meta)
+    save_file(tensors, str(path), metadata={"cee_gen_heads": json.dumps(meta)})
+
+
+def test_heads_file_missing_tensors_is_a_clear_error(tiny_model, tmp_path):
+    path = _heads(tiny_model).save(tmp_path / "h.safetensors")
+    _rewrite(path, lambda t, m: ({k: v for k, v in t.items() if not k.startswith("policies.2.")}, m))
     with pytest.raises(HeadsFileError, match=r"lacks tensor\(s\) \['policies\.2\."):
         load_heads(path, tiny_model.net)
 
@@ -106,15 +111,8 @@ def test_safetensors_file_without_heads_metadata_is_refused(tiny_model, tmp_path
 
 
 def test_heads_file_of_another_format_version_is_refused(tiny_model, tmp_path):
-    h = _heads(tiny_model)
-    path = h.save(tmp_path / "h.safetensors")
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["cee_gen_heads"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["format_version"] = 99
-    save_file(tensors, str(path), metadata={"cee_gen_heads": json.dumps(meta)})
+    path = _heads(tiny_model).save(tmp_path / "h.safetensors")
+    _rewrite(path, lambda t, m: (t, {**m, "format_version": 99}))
     with pytest.raises(HeadsFileError, match="format version 99"):
         load_heads(path, tiny_model.net)
 

@@ -124,34 +124,30 @@ def hash_table(vocab_size: int, layers: list[int], n_layers: int, method: str, s
     return table
 
 
-class PolicyExit(Strategy):
-    name = "policy"
+class _Threshold(Strategy):
+    """A strategy that compares one signal with a threshold t."""
 
     def __init__(self, layers, n_layers, threshold):
         super().__init__(layers, n_layers)
         self.t = threshold
+
+
+class PolicyExit(_Threshold):
+    name = "policy"
 
     def decide(self, sig, rows):
         return sig.p_exit >= self.t
 
 
-class Confidence(Strategy):
+class Confidence(_Threshold):
     name = "confidence"
-
-    def __init__(self, layers, n_layers, threshold):
-        super().__init__(layers, n_layers)
-        self.t = threshold
 
     def decide(self, sig, rows):
         return sig.logits.softmax(-1).amax(-1) >= self.t
 
 
-class Entropy(Strategy):
+class Entropy(_Threshold):
     name = "entropy"
-
-    def __init__(self, layers, n_layers, threshold):
-        super().__init__(layers, n_layers)
-        self.t = threshold
 
     def decide(self, sig, rows):
         return normalized_entropy(sig.logits) <= self.t
@@ -181,12 +177,8 @@ class Patience(Strategy):
         return count >= self.n
 
 
-class Saturation(Strategy):
+class Saturation(_Threshold):
     name = "saturation"
-
-    def __init__(self, layers, n_layers, threshold):
-        super().__init__(layers, n_layers)
-        self.t = threshold
 
     def reset(self, batch, device):
         self.batch = batch
