@@ -1,0 +1,1 @@
+"""Training for early exit (ConsistentEE and baselines). So far: the objectives (objectives.py)."""
