@@ -217,3 +217,71 @@ class ExitConfig:
             raise CeeGenError(f"exit layers {missing} have no exit heads (the heads file covers "
                               f"{available}): choose exit_layers among those")
         return [x for x in want if x >= self.min_exit_layer]
+
+
+TRAIN_STAGES = ("1", "2", "3")
+EXPLORE = ("greedy", "bernoulli")
+TARGETS = ("gold", "self")
+
+
+@dataclass
+class TrainConfig:
+    """`cee-train`: ConsistentEE's stages over a frozen base model (cee_gen/train/trainer.py).
+
+    Every field is a `cee-train` flag (`adapter_rank` -> `--adapter-rank`).
+    """
+
+    model: str | None = _f(None, "base checkpoint (default: the embedded SmolLM2-135M-Instruct)")
+    out: str | None = _f(None, "heads file to write (.safetensors); required")
+    dataset: str = _f("alpaca", "training set: alpaca, dolly or cnndm (its train split)")
+    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, a "
+                              "checkout's ../shared/data, else the hub)")
+    template: str | None = _f(None, "prompt template: alpaca, cnndm or chat (default: the set's own)")
+    max_examples: int = _f(200, "training rows used (the first of the train split)")
+    max_seq_tokens: int = _f(256, "prompt + response tokens per example, at most (longer ones are cut)")
+    stages: str = _f("1,2,3", "stages to run: 1 (exit heads), 2 (policy, REINFORCE), 3 (heads at the "
+                     "policy's exits)")
+    exit_layers: str | None = _f(None, "candidate exit layers: all, every:K or a list (default: all)")
+    adapter_rank: int = _f(32, "rank of each exit head's adapter (0: logit lens, nothing to train in "
+                           "stages 1 and 3)")
+    policy: str = _f("linear", "policy head: linear or mlp", choices=("linear", "mlp"))
+    target: str = _f("gold", "exit heads learn the gold next token (gold) or the full model's own "
+                     "prediction (self)", choices=TARGETS)
+    epochs: int = _f(1, "epochs per stage")
+    batch_size: int = _f(4, "sequences per step")
+    lr_heads: float = _f(3e-4, "stage 1 learning rate")
+    lr_policy: float = _f(3e-4, "stage 2 learning rate")
+    lr_stage3: float = _f(3e-5, "stage 3 learning rate")
+    alpha: float = _f(0.02, "depth penalty of the reward R = -CE - alpha e (1 - m/L) (0 = the authors' "
+                      "released script)")
+    replicas: int = _f(4, "stage 2: rollouts per batch (the first never exits, as in the authors' code)")
+    explore: str = _f("greedy", "stage 2 actions: greedy (p >= 0.5, epsilon-random) or bernoulli "
+                      "(sampled from p)", choices=EXPLORE)
+    seed: int = _f(0, "random seed")
+
+    def validate(self) -> TrainConfig:
+        def bad(msg):
+            raise CeeGenError(msg)
+
+        if not self.out:
+            bad("cee-train needs --out, the heads file to write")
+        stages = [s.strip() for s in self.stages.split(",") if s.strip()]
+        if not stages or any(s not in TRAIN_STAGES for s in stages):
+            bad(f"stages {self.stages!r}: use a list of 1, 2, 3, e.g. 1,2,3")
+        for name in ("max_examples", "max_seq_tokens", "epochs", "batch_size", "replicas"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                bad(f"{name} must be a positive integer, got {v!r}")
+        if self.replicas < 2 and "2" in stages:
+            bad("stage 2 needs replicas >= 2: the baseline is the replicas' mean reward")
+        if not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
+            bad(f"adapter_rank must be an integer >= 0, got {self.adapter_rank!r}")
+        for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                bad(f"{name} must be a finite number >= 0, got {v!r}")
+        return self
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [s.strip() for s in self.stages.split(",") if s.strip()]

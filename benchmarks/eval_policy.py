@@ -1,0 +1,87 @@
+"""Trained exit heads on a held-out split: ROUGE-L against the references, layers used, speed.
+
+    python benchmarks/eval_policy.py --heads H.safetensors --dataset alpaca --split dev --n 20
+
+Greedy, batch 1, the same prompts for every setting, EOS respected (outputs are compared with the
+references, so each run stops where the model stops; ms/token is over the tokens each run made).
+Settings: the full model, then each strategy in --strategies at each threshold, all with the same
+heads. ROUGE-L F (rouge-score, no stemming) of the text up to the first EOS, x100. One JSON object
+per line appended to --out. A preview of the task benchmark harness (its own issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import git_commit, machine_info, versions  # noqa: E402
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--heads", required=True)
+    ap.add_argument("--dataset", default="alpaca")
+    ap.add_argument("--split", default="dev", choices=("dev", "test"))
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--template", default="chat")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--strategies", default="policy:0.5,policy:0.9,confidence:0.9,entropy:0.1")
+    ap.add_argument("--exit-layers", default=None)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "policy_eval_cpu.jsonl")
+    args = ap.parse_args(argv)
+
+    from rouge_score import rouge_scorer
+
+    import cee_gen
+    from cee_gen import data
+    from cee_gen.config import ExitConfig
+
+    model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
+    rows = data.load_split(args.dataset, args.split, args.data_dir, limit=args.n)
+    prompts = [data.render(r, args.template, model.tokenizer) for r in rows]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    settings = [("full", None)] + [(s.split(":")[0], float(s.split(":")[1]))
+                                   for s in args.strategies.split(",")]
+    common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(), "model": model.name,
+              "heads": args.heads, "dataset": args.dataset, "split": args.split, "rows": len(rows),
+              "row_ids": [r.id for r in rows], "template": args.template, "new_tokens": args.new_tokens,
+              "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    recs = []
+    cee_gen.generate(model, prompts[:1], max_new_tokens=4, chat=False)  # warm-up
+    for name, t in settings:
+        ex = None if name == "full" else ExitConfig(strategy=name, threshold=t, heads=args.heads,
+                                                   exit_layers=args.exit_layers)
+        res = cee_gen.generate(model, prompts, max_new_tokens=args.new_tokens, chat=False, batch_size=1,
+                               exit=ex)
+        rouge = statistics.mean(scorer.score(r.reference, o.text)["rougeL"].fmeasure
+                                for r, o in zip(rows, res))
+        layers = [d for o in res for d in o.stats["layers_per_token"][1:]]
+        mean = sum(layers) / max(len(layers), 1)
+        ms = 1e3 * sum(o.stats["decode_s"] for o in res) / max(sum(len(o.token_ids) - 1 for o in res), 1)
+        hist: dict[int, int] = {}
+        for d in layers:
+            hist[d] = hist.get(d, 0) + 1
+        recs.append({**common, "setting": name if t is None else f"{name} t={t}",
+                     "rougeL": round(100 * rouge, 2),
+                     "mean_layers": round(mean, 2), "ideal_speedup": round(model.n_layers / mean, 3),
+                     "ms_per_token": round(ms, 2), "exit_histogram": dict(sorted(hist.items()))})
+        print(f"{recs[-1]['setting']:>18}: ROUGE-L {recs[-1]['rougeL']:6.2f}  layers {mean:5.2f}  "
+              f"{ms:6.1f} ms/token", file=sys.stderr)
+    full_ms = recs[0]["ms_per_token"]
+    for r in recs:
+        r["measured_speedup"] = round(full_ms / r["ms_per_token"], 3)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""`cee-train`: the command line over cee_gen.train.trainer.train; flags are TrainConfig's fields."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import fields
+
+from cee_gen.cli import _add_dataclass_flags, _Parser
+from cee_gen.config import TrainConfig
+from cee_gen.errors import CeeGenError
+
+EXAMPLES = """\
+examples:
+  cee-train --out heads.safetensors                               # default model, Alpaca, stages 1,2,3
+  cee-train --dataset dolly --max-examples 500 --alpha 0.05 --out dolly.safetensors
+  cee-train --stages 2 --adapter-rank 0 --exit-layers every:2 --out policy-only.safetensors
+  cee-generate --exit policy --heads heads.safetensors --show-exits "Hi"   # use them
+"""
+
+
+def build_parser():
+    import argparse
+
+    p = _Parser(prog="cee-train", description="Train exit heads and a ConsistentEE policy for a model.",
+                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_dataclass_flags(p, TrainConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}).validate()
+        from cee_gen.train.trainer import train
+
+        train(cfg)
+        code = 0
+    except CeeGenError as e:
+        print(f"cee-train: error: {e}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("cee-train: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
