@@ -245,6 +245,8 @@ class TrainConfig:
     adapter_rank: int = _f(32, "rank of each exit head's adapter (0: logit lens, nothing to train in "
                            "stages 1 and 3)")
     policy: str = _f("linear", "policy head: linear or mlp", choices=("linear", "mlp"))
+    policy_init_p: float = _f(0.05, "p(exit) of a new policy head before training (near 'never exit', "
+                              "so training starts from the full model)")
     target: str = _f("gold", "exit heads learn the gold next token (gold) or the full model's own "
                      "prediction (self)", choices=TARGETS)
     epochs: int = _f(1, "epochs per stage")
@@ -276,6 +278,8 @@ class TrainConfig:
             bad("stage 2 needs replicas >= 2: the baseline is the replicas' mean reward")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
             bad(f"adapter_rank must be an integer >= 0, got {self.adapter_rank!r}")
+        if not isinstance(self.policy_init_p, (int, float)) or not 0 < self.policy_init_p < 1:
+            bad(f"policy_init_p must be in (0, 1), got {self.policy_init_p!r}")
         for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:

@@ -63,7 +63,7 @@ def test_stage2_moves_the_policy_the_way_its_reward_points(setup, monkeypatch, d
 
     monkeypatch.setattr(trainer.ob, "hardness_reward",
                         lambda ce, e, m, L, alpha: direction * e.float())
-    cfg = _cfg(setup, stages="2", explore="bernoulli", replicas=4)
+    cfg = _cfg(setup, stages="2", explore="bernoulli", replicas=4, policy_init_p=0.3)
     cfg.epochs, cfg.lr_policy = 4, 0.1
     train(cfg, progress=lambda m: None)
     recs = [json.loads(x) for x in (setup / "h.safetensors.metrics.jsonl").read_text().splitlines()]

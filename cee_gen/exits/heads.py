@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -68,13 +69,19 @@ def _probe_matches(a: torch.Tensor, b: torch.Tensor) -> bool:
 class Policy(nn.Module):
     """p(exit | norm(h_l)): Linear(d, 1), or d -> hidden -> 1 with GELU."""
 
-    def __init__(self, dim: int, kind: str = "linear", hidden: int = 32):
+    def __init__(self, dim: int, kind: str = "linear", hidden: int = 32, init_p: float = 0.05):
         super().__init__()
         self.kind = kind
         if kind == "linear":
             self.net = nn.Linear(dim, 1)
         else:
             self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        # A new policy starts near "never exit" (p ~ init_p, small random weights as ConsistentEE's
+        # N(0, 0.02)), so training starts from the full model instead of exiting half the tokens
+        # at layer 1 (a default-initialized head gives p ~ 0.5 everywhere).
+        last = self.net if kind == "linear" else self.net[-1]
+        nn.init.normal_(last.weight, 0.0, 0.02)
+        nn.init.constant_(last.bias, math.log(init_p / (1 - init_p)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(z).squeeze(-1).float())  # (..., D) -> (...,) fp32
@@ -101,7 +108,8 @@ class ExitHeads(nn.Module):
     """
 
     def __init__(self, net: Transformer, layers: list[int], *, adapter_rank: int = 0,
-                 policy: str | None = None, policy_hidden: int = 32, meta: dict | None = None):
+                 policy: str | None = None, policy_hidden: int = 32, meta: dict | None = None,
+                 policy_init_p: float = 0.05):
         super().__init__()
         L = net.args.n_layers
         self.layers = sorted(set(int(x) for x in layers))
@@ -117,7 +125,7 @@ class ExitHeads(nn.Module):
         self.adapters = nn.ModuleDict(
             {str(x): Adapter(D, adapter_rank) for x in self.layers} if adapter_rank else {})
         self.policies = nn.ModuleDict(
-            {str(x): Policy(D, policy, policy_hidden) for x in self.layers} if policy else {})
+            {str(x): Policy(D, policy, policy_hidden, policy_init_p) for x in self.layers} if policy else {})
         self.to(device=w.device, dtype=w.dtype)
 
     @classmethod

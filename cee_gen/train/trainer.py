@@ -258,7 +258,8 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr)) ->
     layers = ExitConfig(exit_layers=cfg.exit_layers).candidates(L, list(range(1, L)))
     seqs = prepare(model, cfg)
     pad = model.pad_token_id
-    heads = ExitHeads(net, layers, adapter_rank=cfg.adapter_rank, policy=cfg.policy)
+    heads = ExitHeads(net, layers, adapter_rank=cfg.adapter_rank, policy=cfg.policy,
+                      policy_init_p=cfg.policy_init_p)
     log = _Log(out.with_name(out.name + ".metrics.jsonl"))
     stages = cfg.stage_list
     progress(f"cee-train: {len(seqs)} sequences from {cfg.dataset} (train split), {len(layers)} candidate "
