@@ -189,8 +189,14 @@ def run(argv: list[str] | None = None) -> int:
 _RAMP = [46, 82, 118, 154, 190, 226, 220, 214, 208, 202, 196]
 
 
+def _colour(depth: int, n_layers: int) -> int:
+    return _RAMP[round((depth - 1) / max(n_layers - 1, 1) * (len(_RAMP) - 1))]
+
+
 def show_exits(model, res) -> tuple[str, str]:
     """The generated text with each token coloured by its exit depth, and a histogram of exit layers."""
+    from cee_gen.generate import exit_histogram
+
     tok, L = model.tokenizer, model.n_layers
     ids, depth = res.token_ids, res.stats["layers_per_token"]
     pieces, prev = [], ""
@@ -198,31 +204,32 @@ def show_exits(model, res) -> tuple[str, str]:
         text = tok.decode(ids[:n], skip_special_tokens=True)
         pieces.append(text[len(prev):] if text.startswith(prev) else text)
         prev = text
-    colour = [_RAMP[round((d - 1) / max(L - 1, 1) * (len(_RAMP) - 1))] for d in depth]
-    body = "".join(f"\x1b[38;5;{c}m{p}" for c, p in zip(colour, pieces)) + "\x1b[0m"
-    hist: dict[int, int] = {}
-    for d in depth:
-        hist[d] = hist.get(d, 0) + 1
+    body = "".join(f"\x1b[38;5;{_colour(d, L)}m{p}" for d, p in zip(depth, pieces)) + "\x1b[0m"
+    hist = exit_histogram(depth)
     width = max(hist.values())
     lines = [f"exit layers ({len(depth)} tokens, mean {sum(depth) / len(depth):.1f} of {L}; the first "
              "token comes from the full-depth prefill):"]
-    for d in sorted(hist):
-        c = _RAMP[round((d - 1) / max(L - 1, 1) * (len(_RAMP) - 1))]
-        bar = "#" * max(1, round(30 * hist[d] / width))
-        lines.append(f"  layer {d:>3} \x1b[38;5;{c}m{bar}\x1b[0m {hist[d]}")
+    for d, n in hist.items():
+        bar = "#" * max(1, round(30 * n / width))
+        lines.append(f"  layer {d:>3} \x1b[38;5;{_colour(d, L)}m{bar}\x1b[0m {n}")
     return body, "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def exit_with(prog: str, body) -> None:
+    """Run body() -> exit status; a CeeGenError prints one line and exits 2, Ctrl-C exits 130."""
     try:
-        code = run(argv)
+        code = body()
     except CeeGenError as e:
-        print(f"cee-generate: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
-        print("cee-generate: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
     sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    exit_with("cee-generate", lambda: run(argv))
 
 
 if __name__ == "__main__":

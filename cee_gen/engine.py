@@ -396,16 +396,15 @@ def generate_batch(
             timings.prefill_s = t1 - t0
         if all(done) or i == n_new - 1:
             break
+        alive = [b for b in range(B) if not done[b]]  # finished rows cost nothing in the exit steps
         if uniform is not None:
             logits = decoder.step(cache, nxt[:, None], T + i, pad, uniform,
                                   exit.kv_fill if exit else "propagate")
         elif small is not None:
-            alive = [b for b in range(B) if not done[b]]
             seq[:, T + i] = nxt
             logits, last_depth = decoder.cascade_step(cache, small_cache, seq, T + i, pad, alive, exit,
                                                       timings, large_seen)
         else:
-            alive = [b for b in range(B) if not done[b]]
             logits, last_depth = decoder.exit_step(cache, nxt[:, None], ids, T + i, pad, alive, exit,
                                                    timings, pending)
         cache.advance(0, L, 1)

@@ -200,7 +200,7 @@ def generate(
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
                     "threshold": ex.thresh,
                     "candidate_layers": run.strategy.layers,
-                    "exit_histogram": _histogram(row.layers_per_token[1:]),
+                    "exit_histogram": exit_histogram(row.layers_per_token[1:]),
                     "decision_s": t.decision_s,
                     "fill_s": t.fill_s,
                     "recompute_rows": t.recompute_rows,
@@ -209,8 +209,8 @@ def generate(
     return results
 
 
-def _histogram(layers: list[int]) -> dict[int, int]:
-    """Exit layer -> tokens, over the tokens made by decode steps (the first comes from the prefill)."""
+def exit_histogram(layers: list[int]) -> dict[int, int]:
+    """Exit layer -> number of tokens, sorted by layer."""
     out: dict[int, int] = {}
     for x in layers:
         out[x] = out.get(x, 0) + 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from cee_gen.model import Step, Transformer, apply_rope, cache_write
+from cee_gen.model import Step, Transformer, apply_rope, cache_gather, cache_write
 
 MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
 FILL_MODES = MODES[:3]  # the modes this module fills; recompute is the engine's
@@ -50,14 +50,8 @@ class KVFiller:
         if mode == "copy-kv":
             if e == 0:
                 raise ValueError("copy-kv needs at least one computed layer (exit_layer >= 1)")
-            if step.rows is None and step.input_pos.dim() == 1:
-                src_k = cache.k[e - 1].index_select(2, step.input_pos).transpose(1, 2)  # (B, T, H, hd)
-                src_v = cache.v[e - 1].index_select(2, step.input_pos).transpose(1, 2)
-            else:
-                rows = torch.arange(B, device=h.device) if step.rows is None else step.rows
-                slots = step.input_pos if step.input_pos.dim() == 2 else step.input_pos.expand(B, T)
-                src_k = cache.k[e - 1][rows[:, None], :, slots]  # (B, T, H, hd)
-                src_v = cache.v[e - 1][rows[:, None], :, slots]
+            src_k = cache_gather(cache.k[e - 1], step, B, T)  # (B, T, H_kv, hd)
+            src_v = cache_gather(cache.v[e - 1], step, B, T)
             for j in range(e, L):
                 cache_write(cache.k[j], src_k, step)
                 cache_write(cache.v[j], src_v, step)

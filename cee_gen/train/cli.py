@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from dataclasses import fields
 
-from cee_gen.cli import _add_dataclass_flags, _Parser
+from cee_gen.cli import _add_dataclass_flags, _Parser, exit_with
 from cee_gen.config import TrainConfig
-from cee_gen.errors import CeeGenError
 
 EXAMPLES = """\
 examples:
@@ -28,20 +26,15 @@ def build_parser():
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
+    def body() -> int:
         args = build_parser().parse_args(argv)
         cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}).validate()
         from cee_gen.train.trainer import train
 
         train(cfg)
-        code = 0
-    except CeeGenError as e:
-        print(f"cee-train: error: {e}", file=sys.stderr)
-        code = 2
-    except KeyboardInterrupt:
-        print("cee-train: interrupted", file=sys.stderr)
-        code = 130
-    sys.exit(code)
+        return 0
+
+    exit_with("cee-train", body)
 
 
 if __name__ == "__main__":

@@ -96,19 +96,24 @@ def epsilon(step: int, start: float = 0.1, end: float = 0.0, decay: float = 2000
     return end + (start - end) * math.exp(-step / decay)
 
 
-def choose_exits(p: torch.Tensor, mode: str, eps: float = 0.0, threshold: float = 0.5,
+def exit_actions(p: torch.Tensor, mode: str, eps: float = 0.0, threshold: float = 0.5,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """p (n, N) -> exit_idx (N,): the first candidate whose action is "exit" (n if none).
+    """p(exit) (any shape) -> bool actions of that shape: "exit here".
 
     `greedy`: exit when p >= threshold, except with probability eps a fair coin decides (the
     authors' epsilon-greedy). `bernoulli`: exit ~ Bernoulli(p) (on-policy REINFORCE)."""
     if mode == "bernoulli":
-        act = torch.rand(p.shape, generator=generator, device=p.device) < p
-    elif mode == "greedy":
+        return torch.rand(p.shape, generator=generator, device=p.device) < p
+    if mode == "greedy":
         explore = torch.rand(p.shape, generator=generator, device=p.device) < eps
         coin = torch.rand(p.shape, generator=generator, device=p.device) < 0.5
-        act = torch.where(explore, coin, p >= threshold)
-    else:
-        raise ValueError(f"unknown exploration mode {mode!r}: use greedy or bernoulli")
+        return torch.where(explore, coin, p >= threshold)
+    raise ValueError(f"unknown exploration mode {mode!r}: use greedy or bernoulli")
+
+
+def choose_exits(p: torch.Tensor, mode: str, eps: float = 0.0, threshold: float = 0.5,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """p (n, N) -> exit_idx (N,): the first candidate whose action (exit_actions) is "exit", n if none."""
+    act = exit_actions(p, mode, eps, threshold, generator)
     n = p.shape[0]
     return torch.where(act.any(0), act.float().argmax(0), n)  # first True along candidates

@@ -158,12 +158,7 @@ def _rollout_policy(net, heads, tokens, mask, layers, decide_kind, eps, gen):
     def decide(layer, h, running):
         z = heads.normed(h)
         seen[layer] = z
-        p = heads.p_exit(layer, h, z)  # (B, T)
-        if decide_kind == "bernoulli":
-            return torch.rand(p.shape, generator=gen) < p
-        explore = torch.rand(p.shape, generator=gen) < eps
-        coin = torch.rand(p.shape, generator=gen) < 0.5
-        return torch.where(explore, coin, p >= 0.5)
+        return ob.exit_actions(heads.p_exit(layer, h, z), decide_kind, eps, generator=gen)  # (B, T)
 
     with torch.no_grad():
         exit_layer, h = rollout(net, tokens, layers, mask, decide)
