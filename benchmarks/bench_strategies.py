@@ -11,7 +11,7 @@ repeats after a warm-up, settings interleaved within each repeat:
   fill all count against it), and the time per token in decisions and in KV fill;
 - quality against the full model's own output: ROUGE-L F (rouge-score, text up to the first EOS)
   and the fraction of tokens equal to the full model's before the first divergence.
-Heads: heads/smollm2-135m-instruct-quickfit.safetensors (quick supervised fit, not RL training).
+Heads: cee_gen/heads/smollm2-135m-instruct-quickfit.safetensors (quick supervised fit, not RL training).
 One JSON object per line appended to --out.
 """
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import git_commit, machine_info, time_other, versions  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
-HEADS = str(ROOT / "heads" / "smollm2-135m-instruct-quickfit.safetensors")
+HEADS = str(ROOT / "cee_gen" / "heads" / "smollm2-135m-instruct-quickfit.safetensors")
 PROMPTS = [
     "Explain how a rainbow forms.",
     "Write a short story about a robot learning to paint.",

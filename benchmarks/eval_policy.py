@@ -4,9 +4,11 @@
 
 Greedy, batch 1, the same prompts for every setting, EOS respected (outputs are compared with the
 references, so each run stops where the model stops; ms/token is over the tokens each run made).
-Settings: the full model, then each strategy in --strategies at each threshold, all with the same
-heads. ROUGE-L F (rouge-score, no stemming) of the text up to the first EOS, x100. One JSON object
-per line appended to --out. A preview of the task benchmark harness (its own issue).
+Settings: `base full`, the original model at full depth (no heads, so no LoRA deltas); `full`, the
+model with the heads file loaded (its LoRA deltas merged, if it has any) at full depth; then each
+strategy in --strategies at each threshold, with the same heads and weights as `full`. ROUGE-L F
+(rouge-score, stemming on) of the text up to the first EOS, x100, and the token agreement with
+`full`'s output. One JSON object per line appended to --out. A preview of the benchmark harness.
 """
 
 from __future__ import annotations
@@ -43,23 +45,31 @@ def main(argv=None) -> None:
     from cee_gen import data
     from cee_gen.config import ExitConfig
 
-    model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
+    base = cee_gen.load_model(args.model, dtype="float32", device="cpu")
+    model = cee_gen.load_model(args.model, dtype="float32", device="cpu")  # gets the heads' LoRA
     rows = data.load_split(args.dataset, args.split, args.data_dir, limit=args.n)
     prompts = [data.render(r, args.template, model.tokenizer) for r in rows]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    settings = [("full", None)] + [(s.split(":")[0], float(s.split(":")[1]))
-                                   for s in args.strategies.split(",")]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    settings = [("base full", None), ("full", None)] + [(s.split(":")[0], float(s.split(":")[1]))
+                                                        for s in args.strategies.split(",") if s]
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(), "model": model.name,
               "heads": args.heads, "dataset": args.dataset, "split": args.split, "rows": len(rows),
               "row_ids": [r.id for r in rows], "template": args.template, "new_tokens": args.new_tokens,
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     recs = []
-    cee_gen.generate(model, prompts[:1], max_new_tokens=4, chat=False)  # warm-up
+    full_ids = None
     for name, t in settings:
-        ex = None if name == "full" else ExitConfig(strategy=name, threshold=t, heads=args.heads,
-                                                   exit_layers=args.exit_layers)
-        res = cee_gen.generate(model, prompts, max_new_tokens=args.new_tokens, chat=False, batch_size=1,
+        m = base if name == "base full" else model
+        layers = None if name == "full" else args.exit_layers
+        ex = None if name == "base full" else ExitConfig(strategy=name, threshold=t, heads=args.heads,
+                                                          exit_layers=layers)
+        cee_gen.generate(m, prompts[:1], max_new_tokens=4, chat=False, exit=ex)  # warm-up
+        res = cee_gen.generate(m, prompts, max_new_tokens=args.new_tokens, chat=False, batch_size=1,
                                exit=ex)
+        if name == "full":
+            full_ids = [o.token_ids for o in res]
+        agree = None if full_ids is None else statistics.mean(
+            sum(a == b for a, b in zip(o.token_ids, f)) / max(len(f), 1) for o, f in zip(res, full_ids))
         rouge = statistics.mean(scorer.score(r.reference, o.text)["rougeL"].fmeasure
                                 for r, o in zip(rows, res))
         layers = [d for o in res for d in o.stats["layers_per_token"][1:]]
@@ -69,12 +79,13 @@ def main(argv=None) -> None:
         for d in layers:
             hist[d] = hist.get(d, 0) + 1
         recs.append({**common, "setting": name if t is None else f"{name} t={t}",
-                     "rougeL": round(100 * rouge, 2),
+                     "weights": res[0].stats["weights"], "rougeL": round(100 * rouge, 2),
+                     "token_agreement": None if agree is None else round(agree, 4),
                      "mean_layers": round(mean, 2), "ideal_speedup": round(model.n_layers / mean, 3),
                      "ms_per_token": round(ms, 2), "exit_histogram": dict(sorted(hist.items()))})
         print(f"{recs[-1]['setting']:>18}: ROUGE-L {recs[-1]['rougeL']:6.2f}  layers {mean:5.2f}  "
               f"{ms:6.1f} ms/token", file=sys.stderr)
-    full_ms = recs[0]["ms_per_token"]
+    full_ms = recs[1]["ms_per_token"]
     for r in recs:
         r["measured_speedup"] = round(full_ms / r["ms_per_token"], 3)
     args.out.parent.mkdir(parents=True, exist_ok=True)

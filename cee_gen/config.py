@@ -120,8 +120,10 @@ class ExitConfig:
     exit_layers: str | None = _f(None, "candidate exit layers: all, every:K, or a list like 8,12,16 "
                                  "(default: every layer the heads cover)")
     min_exit_layer: int = _f(1, "earliest layer a token may exit at")
-    heads: str | None = _f(None, "exit-heads file (.safetensors): policy heads and classifier adapters "
-                           "(default: the model's own final norm + LM head at every layer, no policy)")
+    heads: str | None = _f(None, "exit-heads file (.safetensors): policy heads, classifier adapters and "
+                           "LoRA deltas (merged into the model). Default: for policy, the heads shipped "
+                           "for the default model; otherwise the model's own final norm + LM head at "
+                           "every layer")
     hash_method: str = _f("frequency", "hash: frequency (frequent tokens exit shallow; BPE id order "
                           "stands for frequency) or random (a fixed random layer per token id)",
                           choices=HASH_METHODS)
@@ -222,6 +224,8 @@ class ExitConfig:
 TRAIN_STAGES = ("1", "2", "3")
 EXPLORE = ("greedy", "bernoulli")
 TARGETS = ("gold", "self")
+WEIGHTINGS = ("depth", "cosee")
+ADAPTER_INITS = ("regression", "zero")
 
 
 @dataclass
@@ -242,8 +246,33 @@ class TrainConfig:
     stages: str = _f("1,2,3", "stages to run: 1 (exit heads), 2 (policy, REINFORCE), 3 (heads at the "
                      "policy's exits)")
     exit_layers: str | None = _f(None, "candidate exit layers: all, every:K or a list (default: all)")
-    adapter_rank: int = _f(32, "rank of each exit head's adapter (0: logit lens, nothing to train in "
+    adapter_rank: int = _f(64, "rank of each exit head's adapter (0: logit lens, nothing to train in "
                            "stages 1 and 3)")
+    adapter_init: str = _f("regression", "how stage 1 starts the adapters: regression (a tuned lens in "
+                           "closed form: reduced-rank ridge regression of the last layer's normed state "
+                           "on each layer's) or zero (the logit lens)", choices=ADAPTER_INITS)
+    fit_examples: int = _f(128, "training rows whose states the regression start is fitted on")
+    lora_rank: int = _f(8, "rank of the backbone's LoRA, trained in stage 1 together with the heads so "
+                        "intermediate layers become predictive (exit-aware fine-tuning); shipped in the "
+                        "heads file, merged at load. 0: frozen backbone")
+    lora_targets: str = _f("q,v", "projections the LoRA adapts: a list of q, k, v, o, gate, up, down "
+                           "(q,v as the authors' CNN/DM run)")
+    lora_alpha: float = _f(16.0, "LoRA scale numerator: delta = (alpha / rank) B A")
+    lr_lora: float = _f(1e-3, "stage 1 learning rate of the LoRA factors")
+    layers_per_step: int = _f(4, "stage 1 with LoRA: candidate layers whose heads get a loss in a step "
+                              "(drawn anew each step, plus L; LayerSkip's rotating early-exit loss). "
+                              "0: all of them")
+    weighting: str = _f("depth", "stage 1 loss over layers: depth (sum_l l CE_l / sum_l l; PABEE, "
+                        "ConsistentEE) or cosee (COSEE's sample weighting toward each token's "
+                        "simulated exit layer)", choices=WEIGHTINGS)
+    cosee_beta: float = _f(10.0, "cosee: final sharpness beta of the weights (ramped up from 0)")
+    cosee_thresholds: int = _f(5, "cosee: random entropy thresholds per step")
+    policy_examples: int | None = _f(None, "stages 2 and 3: training rows used (the first ones; default "
+                                     "all of them)")
+    init: str | None = _f(None, "start from this heads file (its LoRA, adapters and policies; same "
+                          "layers and ranks), e.g. to retrain only the policy: --init H --stages 2,3")
+    resume: bool = _f(False, "continue from <out>.ckpt, the checkpoint written after each finished "
+                      "stage (same config; the result equals an uninterrupted run)")
     policy: str = _f("linear", "policy head: linear or mlp", choices=("linear", "mlp"))
     policy_init_p: float = _f(0.05, "p(exit) of a new policy head before training (near 'never exit', "
                               "so training starts from the full model)")
@@ -270,7 +299,7 @@ class TrainConfig:
         stages = [s.strip() for s in self.stages.split(",") if s.strip()]
         if not stages or any(s not in TRAIN_STAGES for s in stages):
             bad(f"stages {self.stages!r}: use a list of 1, 2, 3, e.g. 1,2,3")
-        for name in ("max_examples", "max_seq_tokens", "epochs", "batch_size", "replicas"):
+        for name in ("max_examples", "max_seq_tokens", "epochs", "batch_size", "replicas", "fit_examples"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(f"{name} must be a positive integer, got {v!r}")
@@ -278,9 +307,22 @@ class TrainConfig:
             bad("stage 2 needs replicas >= 2: the baseline is the replicas' mean reward")
         if not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
             bad(f"adapter_rank must be an integer >= 0, got {self.adapter_rank!r}")
+        for name in ("lora_rank", "layers_per_step"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                bad(f"{name} must be an integer >= 0, got {v!r}")
+        if self.lora_rank:
+            from cee_gen.lora import parse_targets
+
+            parse_targets(self.lora_targets)
+        if self.policy_examples is not None and (not isinstance(self.policy_examples, int)
+                                                 or self.policy_examples < 1):
+            bad(f"policy_examples must be a positive integer, got {self.policy_examples!r}")
+        if not isinstance(self.cosee_thresholds, int) or self.cosee_thresholds < 1:
+            bad(f"cosee_thresholds must be a positive integer, got {self.cosee_thresholds!r}")
         if not isinstance(self.policy_init_p, (int, float)) or not 0 < self.policy_init_p < 1:
             bad(f"policy_init_p must be in (0, 1), got {self.policy_init_p!r}")
-        for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha"):
+        for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha", "lr_lora", "lora_alpha", "cosee_beta"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a finite number >= 0, got {v!r}")

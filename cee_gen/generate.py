@@ -11,6 +11,7 @@ split into batches of `batch_size`, left-padded and decoded by engine.generate_b
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +65,33 @@ def exit_heads(model: Model, path: str | None) -> ExitHeads:
     return heads
 
 
+SHIPPED_HEADS = {"SmolLM2-135M-Instruct": "smollm2-135m-instruct.safetensors"}  # in cee_gen/heads/
+
+
+def shipped_heads(model: Model) -> str:
+    """The trained heads that ship for `model` (the default model), or a clear error saying how to
+    train some. Heads files check the model's identity when loaded, so a renamed model cannot pick
+    up the wrong heads."""
+    from importlib.resources import files
+
+    name = SHIPPED_HEADS.get(model.name)
+    path = None if name is None else files("cee_gen.heads") / name
+    if path is None or not path.is_file():
+        raise CeeGenError(f"exit policy needs trained policy heads and none ship for {model.name}: make "
+                          f"them with `cee-train --model {model.name} --out heads.safetensors` and pass "
+                          "--heads heads.safetensors")
+    return str(path)
+
+
 def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
-    """ExitConfig -> the strategy, heads and fill mode the engine runs."""
+    """ExitConfig -> the strategy, heads and fill mode the engine runs.
+
+    `policy` without heads uses the shipped trained heads of the default model. Heads files that
+    carry LoRA deltas fine-tune `model` itself (merged once, cee_gen/lora.py): every later run on
+    this model object, `full` included, uses those weights; stats["weights"] says which."""
     ex.validate(model.n_layers)
+    if ex.strategy == "policy" and ex.heads is None:
+        ex = dataclasses.replace(ex, heads=shipped_heads(model))
     heads = exit_heads(model, ex.heads)
     special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
     strat = make_strategy(ex, heads, model.args.vocab_size, special)
@@ -197,6 +222,7 @@ def generate(
                     "mean_layers": (mean := sum(row.layers_per_token) / max(n, 1)),
                     "ideal_speedup": model.n_layers / mean if mean else 1.0,
                     "exit": ex.strategy,
+                    "weights": getattr(model.net, "merged_with", None) or "base",
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
                     "threshold": ex.thresh,
                     "candidate_layers": run.strategy.layers,

@@ -199,9 +199,12 @@ def test_compile_with_a_per_token_strategy_is_a_clear_error(model4):
         cee_gen.generate(model4, "hi", compile=True, exit=ExitConfig(strategy="confidence"))
 
 
-def test_policy_without_policy_heads_names_the_fix(model4):
-    with pytest.raises(cee_gen.CeeGenError, match="needs policy heads.*--heads"):
+def test_policy_without_policy_heads_names_the_fix(model4, tmp_path):
+    with pytest.raises(cee_gen.CeeGenError, match="none ship for .*cee-train --model .*--heads"):
         cee_gen.generate(model4, "hi", exit=ExitConfig(strategy="policy"))
+    no_policy = ExitHeads(model4.net, [1, 2], adapter_rank=2).save(tmp_path / "np.safetensors")
+    with pytest.raises(cee_gen.CeeGenError, match="has no policy heads.*cee-train"):
+        cee_gen.generate(model4, "hi", exit=ExitConfig(strategy="policy", heads=str(no_policy)))
 
 
 def test_cli_show_exits_colours_tokens_and_prints_a_histogram(model4, policy_file, capsys):
@@ -249,7 +252,7 @@ def test_quickfit_writes_policy_heads_that_drive_the_policy_strategy(model4, tmp
     assert r.stats["exit"] == "policy" and len(r.token_ids) > 0
 
 
-HEADS = Path(__file__).parent.parent / "heads" / "smollm2-135m-instruct-quickfit.safetensors"
+HEADS = Path(__file__).parent.parent / "cee_gen" / "heads" / "smollm2-135m-instruct-quickfit.safetensors"
 
 
 @pytest.mark.default_model
@@ -334,3 +337,21 @@ def test_cascade_with_a_second_checkpoint_batch_equals_one_by_one(model4, small2
 def test_bad_cascade_settings_are_clear_errors(model4, ex, words):
     with pytest.raises(cee_gen.CeeGenError, match=words):
         cee_gen.generate(model4, "hi", exit=ex)
+
+
+@pytest.mark.default_model
+def test_policy_without_heads_uses_the_heads_shipped_for_the_default_model(default_model):
+    from importlib.resources import files
+
+    shipped = files("cee_gen.heads") / "smollm2-135m-instruct.safetensors"
+    assert shipped.is_file(), "the trained heads for the default model must ship in the package"
+    model = cee_gen.load_model(None, dtype="float32", device="cpu")  # its own copy: the heads' LoRA merges
+    prompt = "Give three tips for staying healthy."
+    [r] = cee_gen.generate(model, prompt, max_new_tokens=12, exit=ExitConfig(strategy="policy"))
+    assert r.stats["weights"] == str(Path(str(shipped)).resolve()) and r.text
+    assert r.stats["candidate_layers"] == list(range(1, model.n_layers))
+    # the fine-tuned weights differ from the base model's; the shared default model is untouched
+    [base] = cee_gen.generate(default_model, prompt, max_new_tokens=12)
+    assert base.stats["weights"] == "base"
+    w = lambda m: m.net.layers[3].attention.wqkv.weight  # noqa: E731
+    assert not torch.equal(w(model), w(default_model))

@@ -103,3 +103,23 @@ def test_choose_exits_greedy_takes_the_first_layer_over_threshold_and_bernoulli_
 
 def test_epsilon_decays_from_start_to_end():
     assert ob.epsilon(0) == pytest.approx(0.1) and ob.epsilon(10**7) == pytest.approx(0.0)
+
+
+def test_normalized_entropy_is_one_for_uniform_and_zero_for_one_hot():
+    torch.testing.assert_close(ob.normalized_entropy(torch.zeros(3, 50)), torch.ones(3))
+    sharp = torch.full((1, 50), -1e4)
+    sharp[0, 7] = 0
+    assert ob.normalized_entropy(sharp).item() < 1e-3
+
+
+def test_cosee_weights_follow_each_tokens_simulated_exit():
+    layers = [2, 4, 6]  # 6 = L, the last resort
+    # token 0 is confident from layer 2 on, token 1 only at layer 4, token 2 never
+    signal = torch.tensor([[0.1, 0.9, 0.9], [0.1, 0.2, 0.9], [0.0, 0.0, 0.0]])  # (n, N)
+    taus = torch.tensor([0.5])
+    w = ob.cosee_weights(signal, layers, taus, beta=50.0)  # sharp: all weight on the exit layer
+    torch.testing.assert_close(w, torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ob.cosee_weights(signal, layers, taus, beta=0.0), torch.full((3, 3), 1 / 3))
+    w = ob.cosee_weights(signal, layers, torch.tensor([0.5, 0.05]), beta=50.0)  # two thresholds, averaged
+    assert w[:, 0].tolist() == pytest.approx([0.5, 0, 0.5], abs=1e-6)  # tau 0.05: token 0 exits at L
+    torch.testing.assert_close(w.sum(0), torch.ones(3))

@@ -78,7 +78,7 @@ def test_compiled_static_exit_equals_eager(tiny_model):
 @pytest.mark.parametrize("ex, words", [
     (ExitConfig(strategy="static"), "needs exit_layer"),
     (ExitConfig(strategy="static", exit_layer=99), "deeper than the model"),
-    (ExitConfig(strategy="policy"), "needs policy heads"),
+    (ExitConfig(strategy="policy"), "needs trained policy heads and none ship"),
     (ExitConfig(strategy="warp"), "unknown exit strategy"),
     (ExitConfig(strategy="static", exit_layer=1, kv_fill="magic"), "unknown kv_fill"),
 ])

@@ -4,6 +4,7 @@ import gzip
 import json
 
 import pytest
+import torch
 from conftest import CORPUS, make_tiny_checkpoint
 
 import cee_gen
@@ -25,9 +26,10 @@ def setup(tmp_path_factory):
 
 
 def _cfg(setup, **kw):
-    return TrainConfig(model=str(setup / "m"), data_dir=str(setup), out=str(setup / "h.safetensors"),
-                       max_examples=60, max_seq_tokens=96, adapter_rank=8, batch_size=8, epochs=2,
-                       lr_heads=3e-2, lr_policy=3e-2, lr_stage3=1e-2, alpha=0.05, template="chat", **kw)
+    base = dict(model=str(setup / "m"), data_dir=str(setup), out=str(setup / "h.safetensors"),
+                max_examples=60, max_seq_tokens=96, adapter_rank=8, batch_size=8, epochs=2,
+                lr_heads=3e-2, lr_policy=3e-2, lr_stage3=1e-2, alpha=0.05, template="chat")
+    return TrainConfig(**{**base, **kw})
 
 
 def test_collate_aligns_targets_and_masks_response_positions_only():
@@ -40,8 +42,11 @@ def test_collate_aligns_targets_and_masks_response_positions_only():
     assert mask.tolist() == [[False, True, True, False], [True, True, False, False]]
 
 
-def test_three_stages_run_losses_fall_and_the_heads_drive_the_policy_strategy(setup):
-    out = train(_cfg(setup), progress=lambda m: None)
+@pytest.mark.parametrize("kw", [dict(), dict(lora_rank=0), dict(weighting="cosee"),
+                                dict(lora_rank=0, weighting="cosee")],
+                         ids=["lora", "frozen", "lora-cosee", "frozen-cosee"])
+def test_three_stages_run_losses_fall_and_the_heads_drive_the_policy_strategy(setup, kw):
+    out = train(_cfg(setup, **kw), progress=lambda m: None, quiet=True)
     recs = [json.loads(x) for x in (setup / "h.safetensors.metrics.jsonl").read_text().splitlines()]
     s1 = [r["loss"] for r in recs if r["stage"] == 1]
     assert s1 and sum(s1[-3:]) / 3 < sum(s1[:3]) / 3  # stage 1 learns
@@ -54,6 +59,87 @@ def test_three_stages_run_losses_fall_and_the_heads_drive_the_policy_strategy(se
 
     meta = json.loads(safe_open(str(out), "pt").metadata()["cee_gen_heads"])
     assert meta["training"]["config"]["alpha"] == 0.05 and "mean_memorized_layer" in meta["training"]
+    assert set(meta["training"]["exit_histograms"]) == {"memorized", "after stage 2", "after stage 3"}
+    assert (meta["lora"] is None) == (kw.get("lora_rank") == 0)
+    assert (setup / "h.safetensors.png").stat().st_size > 1000  # the losses and histograms plot
+    assert not (setup / "h.safetensors.ckpt").exists()  # the checkpoint goes once the file is written
+
+
+def test_lora_fine_tuning_changes_the_model_and_the_file_carries_it(setup):
+    from cee_gen.exits.heads import load_heads
+
+    out = train(_cfg(setup, stages="1"), progress=lambda m: None, quiet=True)
+    base = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
+    tuned = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
+    load_heads(out, tuned.net)
+    w0, w1 = base.net.layers[0].attention.wqkv.weight, tuned.net.layers[0].attention.wqkv.weight
+    assert (w1 - w0).abs().max() > 1e-4  # stage 1 trained the LoRA, the load merged it
+    assert torch.equal(base.net.tok_embeddings.weight, tuned.net.tok_embeddings.weight)
+
+
+def test_streamed_memorized_layers_equal_the_full_table(setup):
+    """Top-down evaluation (stop at the first wrong classifier) gives objectives.memorized_layer of
+    the complete correctness table."""
+    from cee_gen.exits.heads import ExitHeads
+    from cee_gen.train import objectives as ob
+    from cee_gen.train.trainer import collect_states, memorized_layers
+
+    model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
+    net, L = model.net, model.n_layers
+    seqs = prepare(model, _cfg(setup))[:12]
+    heads = ExitHeads(net, [1, 2, 3], adapter_rank=4)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in heads.adapters.parameters():
+            p.normal_(0, 0.05)
+    seen = set()
+    for target in ("gold", "self"):
+        X, gold, own = collect_states(net, heads, seqs, model.pad_token_id, [1, 2, 3], 5)
+        y = gold if target == "gold" else own
+        with torch.no_grad():
+            correct = torch.stack([heads.logits(x, X[x]).argmax(-1) == y for x in [1, 2, 3, L]])
+        want = ob.memorized_layer(correct, [1, 2, 3, L])
+        _, got = memorized_layers(net, heads, seqs, model.pad_token_id, [1, 2, 3], target, 5)
+        assert torch.equal(got, want)
+        seen |= set(want.tolist())
+    assert len(seen) > 2, seen  # the tables are not trivial
+
+
+def test_resume_after_an_interruption_ends_with_the_same_heads(setup, monkeypatch):
+    from safetensors.torch import load_file
+
+    from cee_gen.train import trainer
+
+    ref = train(_cfg(setup, out=str(setup / "ref.safetensors")), progress=lambda m: None, quiet=True)
+    out = setup / "cut.safetensors"
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    real_stage3 = trainer.stage3
+    monkeypatch.setattr(trainer, "stage3", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(setup, out=str(out)), progress=lambda m: None, quiet=True)
+    assert (setup / "cut.safetensors.ckpt").is_file() and not out.exists()
+    monkeypatch.setattr(trainer, "stage3", real_stage3)
+    train(_cfg(setup, out=str(out), resume=True), progress=lambda m: None, quiet=True)
+    a, b = load_file(str(ref)), load_file(str(out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda p: [{k: v for k, v in json.loads(x).items() if k != "elapsed_s"}  # noqa: E731
+                       for x in p.read_text().splitlines()]
+    assert strip(setup / "ref.safetensors.metrics.jsonl") == strip(setup / "cut.safetensors.metrics.jsonl")
+
+
+def test_resume_refuses_other_settings_and_a_missing_checkpoint(setup, monkeypatch):
+    from cee_gen.train import trainer
+
+    with pytest.raises(CeeGenError, match="no checkpoint"):
+        train(_cfg(setup, out=str(setup / "none.safetensors"), resume=True), progress=lambda m: None)
+    monkeypatch.setattr(trainer, "stage2", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(setup, out=str(setup / "r.safetensors")), progress=lambda m: None, quiet=True)
+    with pytest.raises(CeeGenError, match=r"other settings \(\['alpha'\]\)"):
+        train(_cfg(setup, out=str(setup / "r.safetensors"), resume=True, alpha=0.5), progress=lambda m: None)
 
 
 @pytest.mark.parametrize("direction", [-1, 1])
@@ -65,7 +151,7 @@ def test_stage2_moves_the_policy_the_way_its_reward_points(setup, monkeypatch, d
                         lambda ce, e, m, L, alpha: direction * e.float())
     cfg = _cfg(setup, stages="2", explore="bernoulli", replicas=4, policy_init_p=0.3)
     cfg.epochs, cfg.lr_policy = 4, 0.1
-    train(cfg, progress=lambda m: None)
+    train(cfg, progress=lambda m: None, quiet=True)
     recs = [json.loads(x) for x in (setup / "h.safetensors.metrics.jsonl").read_text().splitlines()]
     depth = [r["mean_exit_layer"] for r in recs if r["stage"] == 2]
     first, last = sum(depth[:3]) / 3, sum(depth[-3:]) / 3
@@ -97,3 +183,51 @@ def test_cee_train_cli_reports_errors_in_one_line(setup, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "use a list of 1, 2, 3" in err and len(err.strip().splitlines()) == 1
 
+
+
+def test_regression_start_solves_the_least_squares_problem_and_beats_the_logit_lens(setup):
+    """At full rank with no ridge the fitted adapter satisfies the normal equations (the residual is
+    orthogonal to the inputs); at low rank it still brings the heads' CE below the logit lens'."""
+    import torch.nn.functional as F
+
+    from cee_gen.exits.heads import ExitHeads
+    from cee_gen.train.trainer import collect_states, fit_adapters
+
+    model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
+    net, L = model.net, model.n_layers
+    seqs = prepare(model, _cfg(setup))
+    X, gold, own = collect_states(net, ExitHeads(net, [1, 2, 3]), seqs, model.pad_token_id, [1, 2, 3], 8)
+    full = ExitHeads(net, [1, 2, 3], adapter_rank=net.args.dim)
+    r2 = fit_adapters(full, X, ridge=1e-9)
+    assert all(0 < v <= 1 for v in r2.values())
+    with torch.no_grad():
+        T = net.norm(X[L]).double()
+        for x in (1, 2, 3):
+            Z = net.norm(X[x]).double()
+            resid = T - full.adapters[str(x)](net.norm(X[x])).double()
+            assert (Z.T @ resid).abs().max() < 1e-3 * (Z.T @ (T - Z)).abs().max()
+        low = ExitHeads(net, [1, 2, 3], adapter_rank=8)
+        fit_adapters(low, X)
+        lens = ExitHeads(net, [1, 2, 3])
+        for x in (1, 2, 3):
+            ce = lambda h: F.cross_entropy(h.logits(x, X[x]), own).item()  # noqa: E731
+            assert ce(low) < ce(lens), x
+
+
+def test_init_starts_from_a_heads_file_and_a_mismatched_one_is_refused(setup):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    first = train(_cfg(setup, stages="1", out=str(setup / "s1.safetensors")), progress=lambda m: None,
+                  quiet=True)
+    second = train(_cfg(setup, stages="2", init=str(first), out=str(setup / "s2.safetensors")),
+                   progress=lambda m: None, quiet=True)
+    a, b = load_file(str(first)), load_file(str(second))
+    kept = [k for k in a if k.startswith(("lora.", "adapters."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)  # stage 2 trains the policy only
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("policies."))
+    meta = json.loads(safe_open(str(second), "pt").metadata()["cee_gen_heads"])
+    assert meta["training"]["init"]["path"] == str(first)  # where it started is on record
+    with pytest.raises(CeeGenError, match="differ from this run's"):
+        train(_cfg(setup, stages="2", init=str(first), adapter_rank=4, out=str(setup / "s3.safetensors")),
+              progress=lambda m: None)

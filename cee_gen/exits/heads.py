@@ -10,6 +10,9 @@
 - **Policy head** at layer l (ConsistentEE, methods.md §1.4): Linear(d, 1) or an MLP d -> hidden ->
   1 with GELU (ConsistentEE-BERT), reading norm(h_l) and giving p(exit). It costs one dot product;
   the LM head then runs once per token, at the exit layer only.
+- **LoRA deltas** of the backbone (optional, cee_gen/lora.py): exit-aware fine-tuning makes the
+  intermediate layers predictive. They ride in the same file and are merged into the base weights
+  when the file is loaded; the base checkpoint on disk is never modified.
 
 One side file holds them: safetensors tensors plus JSON metadata under the header key
 `cee_gen_heads` (format version, base model identity and fingerprint, candidate layers, head types,
@@ -32,6 +35,7 @@ import torch
 import torch.nn as nn
 
 from cee_gen.errors import CeeGenError, one_line
+from cee_gen.lora import LoRA
 from cee_gen.model import Transformer, linear
 
 FORMAT_VERSION = 1
@@ -48,6 +52,12 @@ def config_sha(net: Transformer) -> str:
     """sha256 of the model's shape config: the part of the identity that must match exactly."""
     a = dataclasses.asdict(net.args)
     return hashlib.sha256(json.dumps(a, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def base_probe(net: Transformer) -> torch.Tensor:
+    """The probe of net's base weights: taken before any LoRA deltas were merged into them."""
+    p = getattr(net, "base_probe", None)
+    return weight_probe(net) if p is None else p
 
 
 def weight_probe(net: Transformer) -> torch.Tensor:
@@ -109,7 +119,7 @@ class ExitHeads(nn.Module):
 
     def __init__(self, net: Transformer, layers: list[int], *, adapter_rank: int = 0,
                  policy: str | None = None, policy_hidden: int = 32, meta: dict | None = None,
-                 policy_init_p: float = 0.05):
+                 policy_init_p: float = 0.05, lora: LoRA | None = None):
         super().__init__()
         L = net.args.n_layers
         self.layers = sorted(set(int(x) for x in layers))
@@ -126,7 +136,10 @@ class ExitHeads(nn.Module):
             {str(x): Adapter(D, adapter_rank) for x in self.layers} if adapter_rank else {})
         self.policies = nn.ModuleDict(
             {str(x): Policy(D, policy, policy_hidden, policy_init_p) for x in self.layers} if policy else {})
+        self.lora = lora  # backbone deltas; part of the file, merged into the net at load time
         self.to(device=w.device, dtype=w.dtype)
+        if lora is not None:
+            lora.to(device=w.device, dtype=torch.float32)
 
     @classmethod
     def logit_lens(cls, net: Transformer) -> ExitHeads:
@@ -173,11 +186,14 @@ class ExitHeads(nn.Module):
             "adapter_rank": self.adapter_rank,
             "policy": self.policy_kind,
             "policy_hidden": self.policy_hidden,
+            "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
+                                                    "targets": self.lora.targets},
             "training": self.meta.get("training", {}),
         }
 
-    def save(self, path: str | Path, base_name: str | None = None) -> Path:
-        """Write the heads file atomically (temporary file + rename)."""
+    def save(self, path: str | Path, base_name: str | None = None, half: bool = False) -> Path:
+        """Write the heads file atomically (temporary file + rename). `half`: adapters in fp16 too
+        (LoRA factors always are; policies stay fp32)."""
         from safetensors.torch import save_file
 
         if base_name is not None:
@@ -185,8 +201,11 @@ class ExitHeads(nn.Module):
         path = Path(path).expanduser()
         if not path.parent.is_dir():
             raise HeadsFileError(f"cannot write heads file {path}: folder {path.parent} does not exist")
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        tensors["base_probe"] = weight_probe(self.net)
+        # LoRA factors in fp16 (half the bytes; merged in fp32); adapters too when `half`
+        low = ("lora.", "adapters.") if half else ("lora.",)
+        tensors = {k: v.detach().to(torch.float16 if k.startswith(low) else torch.float32).cpu()
+                   .contiguous() for k, v in self.state_dict().items()}
+        tensors["base_probe"] = base_probe(self.net)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.close(fd)
         try:
@@ -201,8 +220,10 @@ class ExitHeads(nn.Module):
         return path
 
 
-def load_heads(path: str | Path, net: Transformer, model_name: str | None = None) -> ExitHeads:
-    """Read a heads file made for `net`; every problem is one clear HeadsFileError."""
+def load_heads(path: str | Path, net: Transformer, model_name: str | None = None,
+               merge: bool = True) -> ExitHeads:
+    """Read a heads file made for `net`; every problem is one clear HeadsFileError. Its LoRA deltas,
+    if any, are merged into `net` (once), unless `merge` is False (cee-train --init)."""
     from safetensors import safe_open
 
     path = Path(path).expanduser()
@@ -233,13 +254,25 @@ def load_heads(path: str | Path, net: Transformer, model_name: str | None = None
     here = f"{model_name or 'the loaded model'} ({net.args.n_layers} layers, dim {net.args.dim})"
     probe = tensors.pop("base_probe", None)
     if base.get("config_sha256") != config_sha(net) or probe is None \
-            or not _probe_matches(weight_probe(net), probe):
+            or not _probe_matches(base_probe(net), probe):
         raise HeadsFileError(f"heads file {path} was made for {base_desc}, not for {here}: load the "
                              "base model it was made for, or make heads for this model")
+    identity = str(path.resolve())
+    merged = getattr(net, "merged_with", None)
+    if merged is not None and merged != identity:
+        raise HeadsFileError(f"this model already carries the fine-tuned weights of {merged}; heads file "
+                             f"{path} was made for other weights: load the base model again to use it")
+    lora_meta = meta.get("lora")
+    try:
+        lora = None if not lora_meta else LoRA(net.args, int(lora_meta["rank"]), list(lora_meta["targets"]),
+                                               float(lora_meta["alpha"]))
+    except (KeyError, TypeError, ValueError, CeeGenError) as e:
+        raise HeadsFileError(f"heads file {path} has broken LoRA metadata ({one_line(e)}): "
+                             "make it again") from None
     heads = ExitHeads(net, layers, adapter_rank=int(meta.get("adapter_rank") or 0),
                       policy=meta.get("policy"), policy_hidden=int(meta.get("policy_hidden") or 32),
                       meta={"base_name": base.get("name"), "training": meta.get("training", {}),
-                            "path": str(path)})
+                            "path": str(path)}, lora=lora)
     want = heads.state_dict()
     missing = sorted(set(want) - set(tensors))
     if missing:
@@ -254,5 +287,8 @@ def load_heads(path: str | Path, net: Transformer, model_name: str | None = None
             raise HeadsFileError(f"heads file {path}: tensor {k!r} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(want[k].shape)}: make it again")
     w = net.tok_embeddings.weight
-    heads.load_state_dict({k: t.to(device=w.device, dtype=w.dtype) for k, t in tensors.items()})
+    heads.load_state_dict({k: t.to(device=w.device, dtype=torch.float32 if k.startswith("lora.") else w.dtype)
+                           for k, t in tensors.items()})
+    if lora is not None and merged is None and merge:
+        lora.merge(net, identity)
     return heads.eval().requires_grad_(False)

@@ -222,8 +222,8 @@ def make_strategy(ex: ExitConfig, heads: ExitHeads, vocab_size: int, special_ids
         return Hash(layers, L, vocab_size, ex.hash_method, special_ids)
     if s == "policy":
         if not heads.has_policy:
-            raise CeeGenError("exit policy needs policy heads: pass --heads FILE (python -m "
-                              "cee_gen.exits.quickfit --out FILE fits quick ones for a model)")
+            raise CeeGenError(f"exit policy: heads file {heads.meta.get('path')} has no policy heads: "
+                              "pass heads trained by cee-train (or python -m cee_gen.exits.quickfit)")
         return PolicyExit(layers, L, ex.thresh)
     if s == "confidence":
         return Confidence(layers, L, ex.thresh)

@@ -117,3 +117,25 @@ def choose_exits(p: torch.Tensor, mode: str, eps: float = 0.0, threshold: float 
     act = exit_actions(p, mode, eps, threshold, generator)
     n = p.shape[0]
     return torch.where(act.any(0), act.float().argmax(0), n)  # first True along candidates
+
+
+def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(..., V) -> (...,) entropy / log V in [0, 1]: COSEE's and our `entropy` strategy's signal."""
+    logp = F.log_softmax(logits.float(), -1)
+    return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
+
+
+def cosee_weights(signal: torch.Tensor, layers: list[int], taus: torch.Tensor, beta: float) -> torch.Tensor:
+    """COSEE's sample weighting (methods.md §2.3), token-level: (n, N) weights, each column sums to 1.
+
+    signal (n, N): the (detached) normalized entropy of each classifier, layers[-1] = L the last
+    resort. For each threshold tau_k (K,), a token's simulated exit e is the first layer whose signal
+    is below tau (L if none); classifier j gets weight softmax_j(-beta |e - j|); the K maps are
+    averaged. beta = 0 gives uniform weights; a large beta puts each token on its exit layer."""
+    n = signal.shape[0]
+    lay = torch.tensor(layers, dtype=torch.float32, device=signal.device)  # (n,)
+    below = signal[None, :-1] < taus[:, None, None]  # (K, n-1, N): the last layer always "exits"
+    first = torch.where(below.any(1), below.float().argmax(1), n - 1)  # (K, N) index into layers
+    e = lay[first]  # (K, N)
+    w = torch.softmax(-beta * (e[:, None, :] - lay[None, :, None]).abs(), dim=1)  # (K, n, N)
+    return w.mean(0)
