@@ -4,8 +4,8 @@
 
 Greedy, batch 1, the same prompts for every setting, EOS respected (outputs are compared with the
 references, so each run stops where the model stops; ms/token is over the tokens each run made).
-Settings: `base full`, the original model at full depth (no heads, so no LoRA deltas); `full`, the
-model with the heads file loaded (its LoRA deltas merged, if it has any) at full depth; then each
+Settings: `full`, the model with the heads file loaded (its LoRA deltas merged, if it has any) at
+full depth; `base full`, the original model at full depth (no heads, so no LoRA deltas); then each
 strategy in --strategies at each threshold, with the same heads and weights as `full`. ROUGE-L F
 (rouge-score, stemming on) of the text up to the first EOS, x100, and the token agreement with
 `full`'s output. One JSON object per line appended to --out. A preview of the benchmark harness.
@@ -50,15 +50,16 @@ def main(argv=None) -> None:
     rows = data.load_split(args.dataset, args.split, args.data_dir, limit=args.n)
     prompts = [data.render(r, args.template, model.tokenizer) for r in rows]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    settings = [("base full", None), ("full", None)] + [(s.split(":")[0], float(s.split(":")[1]))
+    settings = [("full", None), ("base full", None)] + [(s.split(":")[0], float(s.split(":")[1]))
                                                         for s in args.strategies.split(",") if s]
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(), "model": model.name,
               "heads": args.heads, "dataset": args.dataset, "split": args.split, "rows": len(rows),
               "row_ids": [r.id for r in rows], "template": args.template, "new_tokens": args.new_tokens,
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     recs = []
-    full_ids = None
-    for name, t in settings:
+    full_ids, full_ms = None, None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for name, t in settings:  # each setting's record is written as soon as it is done
         m = base if name == "base full" else model
         layers = None if name == "full" else args.exit_layers
         ex = None if name == "base full" else ExitConfig(strategy=name, threshold=t, heads=args.heads,
@@ -83,15 +84,13 @@ def main(argv=None) -> None:
                      "token_agreement": None if agree is None else round(agree, 4),
                      "mean_layers": round(mean, 2), "ideal_speedup": round(model.n_layers / mean, 3),
                      "ms_per_token": round(ms, 2), "exit_histogram": dict(sorted(hist.items()))})
+        if name == "full":
+            full_ms = ms
+        recs[-1]["measured_speedup"] = round(full_ms / ms, 3)
         print(f"{recs[-1]['setting']:>18}: ROUGE-L {recs[-1]['rougeL']:6.2f}  layers {mean:5.2f}  "
-              f"{ms:6.1f} ms/token", file=sys.stderr)
-    full_ms = recs[1]["ms_per_token"]
-    for r in recs:
-        r["measured_speedup"] = round(full_ms / r["ms_per_token"], 3)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with args.out.open("a") as f:
-        for r in recs:
-            f.write(json.dumps(r) + "\n")
+              f"{ms:6.1f} ms/token  agreement {recs[-1]['token_agreement']}", file=sys.stderr)
+        with args.out.open("a") as f:
+            f.write(json.dumps(recs[-1]) + "\n")
 
 
 if __name__ == "__main__":
