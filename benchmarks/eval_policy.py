@@ -36,6 +36,7 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--strategies", default="policy:0.5,policy:0.9,confidence:0.9,entropy:0.1")
     ap.add_argument("--exit-layers", default=None)
+    ap.add_argument("--skip-base", action="store_true", help="leave out the original model's full-depth run")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "policy_eval_cpu.jsonl")
     args = ap.parse_args(argv)
 
@@ -50,8 +51,8 @@ def main(argv=None) -> None:
     rows = data.load_split(args.dataset, args.split, args.data_dir, limit=args.n)
     prompts = [data.render(r, args.template, model.tokenizer) for r in rows]
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    settings = [("full", None), ("base full", None)] + [(s.split(":")[0], float(s.split(":")[1]))
-                                                        for s in args.strategies.split(",") if s]
+    settings = [("full", None)] + ([] if args.skip_base else [("base full", None)])
+    settings += [(s.split(":")[0], float(s.split(":")[1])) for s in args.strategies.split(",") if s]
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(), "model": model.name,
               "heads": args.heads, "dataset": args.dataset, "split": args.split, "rows": len(rows),
               "row_ids": [r.id for r in rows], "template": args.template, "new_tokens": args.new_tokens,
