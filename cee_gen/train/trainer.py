@@ -531,12 +531,20 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
         _checkpoint(ckpt_path, config=_resumable(cfg), done=done, heads=heads.state_dict(),
                     gen=gen.get_state(), summary=summary, m_tab=m_tab, hists=hists, metric_lines=log.lines)
 
+    X = None  # the frozen path's state cache, shared by the regression start and stage 1
     if "1" not in done:
+        if "1" in stages and lora is None:
+            X, gold, own = collect_states(net, heads, seqs, pad, layers, cfg.batch_size)
+            progress(f"cee-train: cached the states of {gold.numel()} loss positions")
         if "1" in stages and heads.adapters and cfg.adapter_init == "regression" and not cfg.init:
             fit_seqs = seqs[:cfg.fit_examples]
-            X, _, _ = collect_states(net, heads, fit_seqs, pad, layers, cfg.batch_size)
-            r2 = fit_adapters(heads, X)
-            del X
+            if X is None:
+                Xf, _, _ = collect_states(net, heads, fit_seqs, pad, layers, cfg.batch_size)
+            else:
+                n_fit = sum(len(s.ids) - s.n_prompt for s in fit_seqs)  # their loss positions come first
+                Xf = {x: v[:n_fit] for x, v in X.items()}
+            r2 = fit_adapters(heads, Xf)
+            del Xf
             summary["adapter_fit_r2"] = r2
             progress(f"cee-train: adapters fitted by regression on {len(fit_seqs)} sequences (R^2 "
                      f"{min(r2.values()):.2f} at layer {min(r2, key=r2.get)} .. {max(r2.values()):.2f})")
@@ -544,8 +552,6 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
             bar.start(cfg.epochs * math.ceil(len(seqs) / cfg.batch_size), "stage 1 (LoRA + heads)")
             stage1_finetune(net, heads, seqs, pad, layers, cfg, log, gen, bar)
         elif "1" in stages:
-            X, gold, own = collect_states(net, heads, seqs, pad, layers, cfg.batch_size)
-            progress(f"cee-train: cached the states of {gold.numel()} loss positions")
             stage1(heads, X, gold if cfg.target == "gold" else own, layers, cfg, log, gen)
             del X
         bar.close()

@@ -1,0 +1,92 @@
+"""Exit heads teacher-forced on a held-out split: how early each layer's classifier is right.
+
+    python benchmarks/eval_heads.py --heads A.safetensors B.safetensors --split dev --n 48
+
+For each heads file (loaded into its own copy of the model, so its LoRA deltas apply to it alone),
+the split's rows (prompt + reference) run at full depth. At every response position the tool asks
+each candidate layer's classifier for its token and reports, against the full model's own token
+(what an exit must reproduce) and against the gold token:
+- per-layer top-1 agreement;
+- the mean memorized layer (the first layer from which every deeper classifier is right), which
+  bounds what any exit policy can save without changing the output.
+One JSON object per heads file appended to --out. Used to compare training targets (gold vs self).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import git_commit, machine_info, versions  # noqa: E402
+
+
+@torch.no_grad()
+def evaluate(model, heads, seqs, batch_size: int = 4) -> dict:
+    from cee_gen.train import objectives as ob
+    from cee_gen.train.trainer import collect_states
+
+    net, L = model.net, model.n_layers
+    layers = heads.layers
+    out = {}
+    X, gold, own = collect_states(net, heads, seqs, model.pad_token_id, layers, batch_size)
+    for name, y in (("own", own), ("gold", gold)):
+        correct = torch.stack([heads.logits(x, X[x]).argmax(-1) == y for x in layers] + [own == y])
+        m = ob.memorized_layer(correct, layers + [L])
+        out[name] = {"agreement_per_layer": dict(zip(layers + [L], [round(v, 4) for v in
+                                                                   correct.float().mean(1).tolist()])),
+                     "mean_memorized_layer": round(m.float().mean().item(), 3)}
+    out["positions"] = int(own.numel())
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--heads", nargs="+", required=True)
+    ap.add_argument("--dataset", default="alpaca")
+    ap.add_argument("--split", default="dev", choices=("dev", "test"))
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--template", default="chat")
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--max-seq-tokens", type=int, default=256)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "heads_eval_cpu.jsonl")
+    args = ap.parse_args(argv)
+
+    import cee_gen
+    from cee_gen import data
+    from cee_gen.exits.heads import load_heads
+    from cee_gen.train.trainer import Sequence
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for path in args.heads:
+        model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
+        heads = load_heads(path, model.net, model.name)  # merges its LoRA into this copy
+        tok = model.tokenizer
+        eos = model.eos_token_ids[:1]
+        seqs = []
+        for ex in data.load_split(args.dataset, args.split, args.data_dir, limit=args.n):
+            p = tok(data.render(ex, args.template, tok, max_prompt_tokens=args.max_seq_tokens * 3 // 4),
+                    add_special_tokens=args.template != "chat")["input_ids"]
+            ids = (p + tok(ex.reference, add_special_tokens=False)["input_ids"] + eos)[:args.max_seq_tokens]
+            if len(ids) > len(p):
+                seqs.append(Sequence(ids, len(p)))
+        res = evaluate(model, heads, seqs)
+        training = heads.meta.get("training", {}).get("config", {})
+        rec = {"heads": path, "target": training.get("target"), "lora_rank": training.get("lora_rank"),
+               "dataset": args.dataset, "split": args.split, "rows": len(seqs), **res,
+               "machine": machine_info(), "versions": versions(), "commit": git_commit(),
+               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        print(f"{path}: memorized layer vs own {res['own']['mean_memorized_layer']}, vs gold "
+              f"{res['gold']['mean_memorized_layer']} ({res['positions']} positions)", file=sys.stderr)
+        with args.out.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+if __name__ == "__main__":
+    main()
