@@ -34,7 +34,7 @@ def evaluate(model, heads, seqs, batch_size: int = 4) -> dict:
     net, L = model.net, model.n_layers
     layers = heads.layers
     out = {}
-    X, gold, own = collect_states(net, heads, seqs, model.pad_token_id, layers, batch_size)
+    X, gold, own = collect_states(net, seqs, model.pad_token_id, layers, batch_size)
     for name, y in (("own", own), ("gold", gold)):
         correct = torch.stack([heads.logits(x, X[x]).argmax(-1) == y for x in layers] + [own == y])
         m = ob.memorized_layer(correct, layers + [L])
@@ -59,23 +59,17 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import cee_gen
-    from cee_gen import data
+    from cee_gen.config import TrainConfig
     from cee_gen.exits.heads import load_heads
-    from cee_gen.train.trainer import Sequence
+    from cee_gen.train.trainer import prepare
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path in args.heads:
         model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
         heads = load_heads(path, model.net, model.name)  # merges its LoRA into this copy
-        tok = model.tokenizer
-        eos = model.eos_token_ids[:1]
-        seqs = []
-        for ex in data.load_split(args.dataset, args.split, args.data_dir, limit=args.n):
-            p = tok(data.render(ex, args.template, tok, max_prompt_tokens=args.max_seq_tokens * 3 // 4),
-                    add_special_tokens=args.template != "chat")["input_ids"]
-            ids = (p + tok(ex.reference, add_special_tokens=False)["input_ids"] + eos)[:args.max_seq_tokens]
-            if len(ids) > len(p):
-                seqs.append(Sequence(ids, len(p)))
+        seqs = prepare(model, TrainConfig(out="-", dataset=args.dataset, data_dir=args.data_dir,
+                                          template=args.template, max_examples=args.n,
+                                          max_seq_tokens=args.max_seq_tokens), split=args.split)
         res = evaluate(model, heads, seqs)
         training = heads.meta.get("training", {}).get("config", {})
         rec = {"heads": path, "target": training.get("target"), "lora_rank": training.get("lora_rank"),

@@ -94,7 +94,7 @@ def test_streamed_memorized_layers_equal_the_full_table(setup):
             p.normal_(0, 0.05)
     seen = set()
     for target in ("gold", "self"):
-        X, gold, own = collect_states(net, heads, seqs, model.pad_token_id, [1, 2, 3], 5)
+        X, gold, own = collect_states(net, seqs, model.pad_token_id, [1, 2, 3], 5)
         y = gold if target == "gold" else own
         with torch.no_grad():
             correct = torch.stack([heads.logits(x, X[x]).argmax(-1) == y for x in [1, 2, 3, L]])
@@ -196,7 +196,7 @@ def test_regression_start_solves_the_least_squares_problem_and_beats_the_logit_l
     model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
     net, L = model.net, model.n_layers
     seqs = prepare(model, _cfg(setup))
-    X, gold, own = collect_states(net, ExitHeads(net, [1, 2, 3]), seqs, model.pad_token_id, [1, 2, 3], 8)
+    X, gold, own = collect_states(net, seqs, model.pad_token_id, [1, 2, 3], 8)
     full = ExitHeads(net, [1, 2, 3], adapter_rank=net.args.dim)
     r2 = fit_adapters(full, X, ridge=1e-9)
     assert all(0 < v <= 1 for v in r2.values())

@@ -44,12 +44,13 @@ class Sequence:
     n_prompt: int
 
 
-def prepare(model, cfg: TrainConfig) -> list[Sequence]:
-    """Training rows of cfg.dataset -> token sequences with at least one response target."""
+def prepare(model, cfg: TrainConfig, split: str = "train") -> list[Sequence]:
+    """Rows of cfg.dataset's `split` (training reads train) -> token sequences (prompt + reference +
+    EOS) with at least one response target."""
     from cee_gen import data
 
     tok = model.tokenizer
-    rows = data.load_split(cfg.dataset, "train", cfg.data_dir, limit=cfg.max_examples)
+    rows = data.load_split(cfg.dataset, split, cfg.data_dir, limit=cfg.max_examples)
     eos = model.eos_token_ids[0] if model.eos_token_ids else None
     out = []
     for ex in rows:
@@ -61,7 +62,7 @@ def prepare(model, cfg: TrainConfig) -> list[Sequence]:
         if len(ids) - len(p_ids) >= 1 and len(p_ids) >= 1:
             out.append(Sequence(ids, len(p_ids)))
     if not out:
-        raise CeeGenError(f"no usable training rows in {cfg.dataset}: raise max_seq_tokens or "
+        raise CeeGenError(f"no usable {split} rows in {cfg.dataset}: raise max_seq_tokens or "
                           "max_examples")
     return out
 
@@ -119,21 +120,29 @@ def _own_predictions(net, tokens, mask):
 
 
 @torch.no_grad()
-def collect_states(net, heads: ExitHeads, seqs, pad_id, layers, batch_size):
-    """Stage 1 cache: states {layer: (N, D)} at the candidate layers and L for every loss position,
-    with the gold targets (N,) and the full model's own predictions (N,)."""
+def _batch_states(net, seqs, pad_id, layers, batch_size):
+    """Per batch of seqs, at full depth: states {layer: (N, D)} at `layers` and L for the batch's
+    loss positions, their gold targets (N,), the model's own predictions (N,), and the mask (B, T)."""
     L = net.args.n_layers
-    X = {x: [] for x in layers + [L]}
-    gold, own = [], []
     for i in range(0, len(seqs), batch_size):
         tokens, target, mask = collate(seqs[i:i + batch_size], pad_id, net.tok_embeddings.weight.device)
         states = {}
-        _, h_last = rollout(net, tokens, layers, torch.zeros_like(mask), _keep_states(layers, mask, states))
-        states[L] = h_last[mask]
+        _, h = rollout(net, tokens, layers, torch.zeros_like(mask), _keep_states(layers, mask, states))
+        states[L] = h[mask]
+        yield states, target[mask], net.head(states[L]).argmax(-1), mask
+
+
+@torch.no_grad()
+def collect_states(net, seqs, pad_id, layers, batch_size):
+    """Stage 1 cache: states {layer: (N, D)} at the candidate layers and L for every loss position,
+    with the gold targets (N,) and the full model's own predictions (N,)."""
+    X = {x: [] for x in layers + [net.args.n_layers]}
+    gold, own = [], []
+    for states, g, o, _ in _batch_states(net, seqs, pad_id, layers, batch_size):
         for x in X:
             X[x].append(states[x])
-        gold.append(target[mask])
-        own.append(heads.logits(L, states[L]).argmax(-1))
+        gold.append(g)
+        own.append(o)
     return {x: torch.cat(v) for x, v in X.items()}, torch.cat(gold), torch.cat(own)
 
 
@@ -268,14 +277,9 @@ def memorized_layers(net, heads, seqs, pad_id, layers, target: str, batch_size: 
     per-sequence table (_m_table) and the flat m values."""
     L = net.args.n_layers
     order = layers + [L]
-    flat, where = [], []
-    for i in range(0, len(seqs), batch_size):
-        tokens, gold, mask = collate(seqs[i:i + batch_size], pad_id, net.tok_embeddings.weight.device)
-        states = {}
-        _, h = rollout(net, tokens, layers, torch.zeros_like(mask), _keep_states(layers, mask, states))
-        states[L] = h[mask]
-        own = net.head(states[L]).argmax(-1)
-        y = gold[mask] if target == "gold" else own
+    flat, where, start = [], [], 0
+    for states, gold, own, mask in _batch_states(net, seqs, pad_id, layers, batch_size):
+        y = gold if target == "gold" else own
         correct = torch.zeros(len(order), y.numel(), dtype=torch.bool)
         alive = torch.ones(y.numel(), dtype=torch.bool)
         for j in range(len(order) - 1, -1, -1):
@@ -286,7 +290,8 @@ def memorized_layers(net, heads, seqs, pad_id, layers, target: str, batch_size: 
             correct[j, sel] = ok
             alive[sel] = ok
         flat.append(ob.memorized_layer(correct, order))
-        where += [(i + b, t) for b, t in mask.nonzero().tolist()]
+        where += [(start + b, t) for b, t in mask.nonzero().tolist()]
+        start += mask.shape[0]
     m = torch.cat(flat)
     return _m_table(seqs, where, m, L), m
 
@@ -534,12 +539,12 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
     X = None  # the frozen path's state cache, shared by the regression start and stage 1
     if "1" not in done:
         if "1" in stages and lora is None:
-            X, gold, own = collect_states(net, heads, seqs, pad, layers, cfg.batch_size)
+            X, gold, own = collect_states(net, seqs, pad, layers, cfg.batch_size)
             progress(f"cee-train: cached the states of {gold.numel()} loss positions")
         if "1" in stages and heads.adapters and cfg.adapter_init == "regression" and not cfg.init:
             fit_seqs = seqs[:cfg.fit_examples]
             if X is None:
-                Xf, _, _ = collect_states(net, heads, fit_seqs, pad, layers, cfg.batch_size)
+                Xf, _, _ = collect_states(net, fit_seqs, pad, layers, cfg.batch_size)
             else:
                 n_fit = sum(len(s.ids) - s.n_prompt for s in fit_seqs)  # their loss positions come first
                 Xf = {x: v[:n_fit] for x, v in X.items()}
