@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from cee_gen.bench.env import git_commit, machine_info, versions
 
 PROMPTS = [
     "Give three tips for staying healthy.",
@@ -40,39 +39,6 @@ PROMPTS = [
         "the representation of numbers. But long before abstractions like the number arose, there "
         "were mathematical concepts to serve the purposes of civilization. ") * 4,
 ]
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
-
-
-def versions() -> dict:
-    import transformers
-
-    import cee_gen
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "cee_gen": cee_gen.__version__}
-
-
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "cee_gen", "benchmarks"],
-                               capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
 
 
 def measure_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:

@@ -15,15 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import git_commit, machine_info, versions  # noqa: E402
-
+from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 from cee_gen.cache import StaticKVCache  # noqa: E402
 from cee_gen.kv_fill import FILL_MODES, KVFiller  # noqa: E402
 from cee_gen.model import ModelArgs, Transformer  # noqa: E402

@@ -27,7 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import git_commit, machine_info, time_other, versions  # noqa: E402
+from bench_decode import time_other  # noqa: E402
+
+from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 
 ROOT = Path(__file__).parent.parent
 HEADS = str(ROOT / "cee_gen" / "heads" / "smollm2-135m-instruct-quickfit.safetensors")

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import git_commit, machine_info, versions  # noqa: E402
+from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 
 
 @torch.no_grad()

@@ -20,8 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import git_commit, machine_info, versions  # noqa: E402
+from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 
 
 def main(argv=None) -> None:

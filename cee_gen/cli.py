@@ -54,7 +54,10 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             group.add_argument("--chat", dest="chat", action="store_const", const=True,
                                help="force the chat template (default: used when the model has one)")
             continue
-        if f.type == "bool":
+        if f.type == "bool" and f.metadata.get("negate"):  # a default-on switch: --no-X turns it off
+            group.add_argument(flag, dest=f.name, action="store_false", default=default,
+                               help=f"do not {help_[0].lower()}{help_[1:]}" if help_ else None)
+        elif f.type == "bool":
             group.add_argument(flag, action="store_true", default=default, help=help_)
         elif f.metadata.get("repeat"):
             group.add_argument(flag, action="append", default=None, metavar="TEXT",

@@ -160,7 +160,10 @@ def render(ex: Example, template: str | None = None, tokenizer=None,
                 ALPACA_NO_INPUT.format(instruction=instruction)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise CeeGenError("template chat needs a tokenizer with a chat template")
-        content = f"{instruction}\n\n{inp}" if inp else instruction
+        if ex.dataset == "cnndm":  # the article alone is no instruction: keep the task's sentence
+            content = CNNDM.split("\n\n{article}")[0] + "\n\n" + instruction
+        else:
+            content = f"{instruction}\n\n{inp}" if inp else instruction
         return tokenizer.apply_chat_template([{"role": "user", "content": content}],
                                              add_generation_prompt=True, tokenize=False)
 

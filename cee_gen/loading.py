@@ -163,6 +163,33 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor], a: ModelArgs) -> dict[str
     return out
 
 
+def to_hf_state_dict(net: Transformer) -> dict[str, torch.Tensor]:
+    """Ours -> HF LlamaForCausalLM names (the inverse of convert_hf_state_dict), with the weights
+    as they are now: LoRA deltas merged into `net` are in them. Lets HF run the same weights."""
+    a, sd = net.args, net.state_dict()
+    q, kv, inter = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.intermediate_size
+    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"]}
+    if not a.tie_word_embeddings:
+        out["lm_head.weight"] = sd["output.weight"]
+    for i in range(a.n_layers):
+        p, hp = f"layers.{i}.", f"model.layers.{i}."
+        for suffix in ("weight", "bias") if a.qkv_bias else ("weight",):
+            w = sd[p + f"attention.wqkv.{suffix}"]
+            for n, part in zip("qkv", w.split([q, kv, kv])):
+                out[hp + f"self_attn.{n}_proj.{suffix}"] = part
+        for ours, theirs, bias in (("attention.wo", "self_attn.o_proj", a.o_bias),
+                                   ("feed_forward.w2", "mlp.down_proj", a.mlp_bias)):
+            out[hp + theirs + ".weight"] = sd[p + ours + ".weight"]
+            if bias:
+                out[hp + theirs + ".bias"] = sd[p + ours + ".bias"]
+        for suffix in ("weight", "bias") if a.mlp_bias else ("weight",):
+            gate, up = sd[p + f"feed_forward.w13.{suffix}"].split([inter, inter])
+            out[hp + f"mlp.gate_proj.{suffix}"], out[hp + f"mlp.up_proj.{suffix}"] = gate, up
+        out[hp + "input_layernorm.weight"] = sd[p + "attention_norm.weight"]
+        out[hp + "post_attention_layernorm.weight"] = sd[p + "ffn_norm.weight"]
+    return out
+
+
 def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: torch.dtype,
                       device: torch.device) -> Transformer:
     with torch.device("meta"):

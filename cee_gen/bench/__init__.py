@@ -1,0 +1,1 @@
+"""The benchmark harness (`cee-bench`): datasets x strategies x thresholds, calibration, reports."""

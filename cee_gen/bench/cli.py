@@ -1,0 +1,48 @@
+"""`cee-bench`: the command line over cee_gen.bench.suite.run; flags are BenchConfig's fields."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from cee_gen.cli import _add_dataclass_flags, _Parser, exit_with
+from cee_gen.config import BenchConfig
+
+EXAMPLES = """\
+examples:
+  cee-bench --out benchmarks/results/bench_cpu.jsonl     # the README's tables and plots (CPU, < 1 h)
+  cee-bench --preset quick --out /tmp/quick.jsonl        # smoke test: a few rows and tokens
+  cee-bench --datasets alpaca --strategies policy,confidence --limit 50
+  cee-bench --preset authors --device cuda --out authors.jsonl
+  cee-bench --report-only --out benchmarks/results/bench_cpu.jsonl   # rebuild tables and plots
+An interrupted run continues where it stopped when started again with the same --out.
+"""
+
+
+def build_parser():
+    import argparse
+
+    p = _Parser(
+        prog="cee-bench",
+        description="ROUGE and speed-up of every exit strategy on Alpaca, Dolly "
+        "and CNN/DM, with baselines and threshold calibration.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_dataclass_flags(p, BenchConfig)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    def body() -> int:
+        args = build_parser().parse_args(argv)
+        cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)}).resolved()
+        from cee_gen.bench.suite import run
+
+        run(cfg)
+        return 0
+
+    exit_with("cee-bench", body)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,215 @@
+"""cee-bench: the quick preset end to end on a tiny model (schema, finite numbers, baselines on the
+same weights, resume), the metrics, the calibration rule, and the weight export HF runs."""
+
+import gzip
+import json
+import math
+
+import pytest
+import torch
+from conftest import CORPUS, make_tiny_checkpoint
+
+import cee_gen
+from cee_gen.bench import metrics
+from cee_gen.bench.suite import BASELINES, Journal, calibrate, grid, run
+from cee_gen.config import BenchConfig
+from cee_gen.errors import CeeGenError
+from cee_gen.exits.heads import ExitHeads
+from cee_gen.loading import convert_hf_state_dict, to_hf_state_dict
+from cee_gen.lora import LoRA
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny 4-layer model, heads with policies, adapters and a non-zero LoRA, and the three sets."""
+    root = tmp_path_factory.mktemp("bench")
+    make_tiny_checkpoint(root / "m", n_layers=4, seed=3)
+    model = cee_gen.load_model(str(root / "m"), dtype="float32", device="cpu")
+    lora = LoRA(model.args, 2, ["q", "v"])
+    with torch.no_grad():
+        for p in lora.B.values():
+            p.copy_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    ExitHeads(model.net, [1, 2, 3], adapter_rank=2, policy="linear", policy_init_p=0.5, lora=lora).save(
+        root / "h.safetensors", model.name
+    )
+    data = root / "data"
+    data.mkdir()
+    for name, file in (
+        ("alpaca", "alpaca.jsonl.gz"),
+        ("dolly", "dolly.jsonl.gz"),
+        ("cnndm", "cnndm_test.jsonl.gz"),
+    ):
+        with gzip.open(data / file, "wt") as f:
+            for i in range(60):
+                w = CORPUS[i % 4].split()
+                row = (
+                    {"id": f"a{i}", "article": " ".join(w), "highlights": " ".join(w[:6]).lower()}
+                    if name == "cnndm"
+                    else {"id": i, "instruction": " ".join(w[:3]), "input": "", "output": " ".join(w[3:])}
+                )
+                f.write(json.dumps(row) + "\n")
+    return root
+
+
+def _cfg(setup, **kw):
+    return BenchConfig(
+        **{
+            **dict(
+                model=str(setup / "m"),
+                heads=str(setup / "h.safetensors"),
+                preset="quick",
+                data_dir=str(setup / "data"),
+                out=str(setup / "out" / "b.jsonl"),
+            ),
+            **kw,
+        }
+    )
+
+
+def test_quick_preset_writes_finite_records_for_every_set_and_setting_then_resumes(setup):
+    recs = run(_cfg(setup, fresh=True), progress=False)
+    settings = [r for r in recs if r["kind"] == "setting"]
+    n_grid = len(grid(4, quick=True))
+    for ds in ("alpaca", "dolly", "cnndm"):
+        test = {r["setting"] for r in settings if r["dataset"] == ds and r["split"] == "test"}
+        assert test == {s.label for s in BASELINES + grid(4, quick=True)}
+        dev = {r["setting"] for r in settings if r["dataset"] == ds and r["split"] == "dev"}
+        assert len(dev) == n_grid + 1  # full depth and the swept settings; no baselines on dev
+    for r in settings:
+        assert r["rows"] == 2 and len(r["row_ids"]) == 2
+        nums = [
+            r["mean_layers"],
+            r["ideal_speedup"],
+            r["ms_per_token"],
+            r["measured_speedup"],
+            r["token_agreement"],
+            r["rougeL_vs_full"],
+            *r["rouge"].values(),
+            *r["authors_rouge"].values(),
+        ]
+        assert all(isinstance(x, (int, float)) and math.isfinite(x) for x in nums), r["setting"]
+        assert 1 <= r["mean_layers"] <= 4 and sum(r["exit_histogram"].values()) > 0
+        assert r["machine"]["cpu"] is not None and r["versions"]["torch"] and r["commit"]
+    by = {(r["dataset"], r["split"], r["setting"]): r for r in settings}
+    full, hf = by[("alpaca", "test", "full")], by[("alpaca", "test", "hf generate")]
+    assert full["token_agreement"] == 1.0 and full["measured_speedup"] == 1.0
+    # HF runs the same (LoRA-merged) weights: its greedy tokens are ours; the original model's are not
+    assert hf["token_agreement"] == 1.0 and hf["weights"] == full["weights"] != "base"
+    assert by[("alpaca", "test", "base full")]["weights"] == "base"
+    cal = [r for r in recs if r["kind"] == "calibration"]
+    assert {c["target"] for c in cal} == {"rougeL_drop:1", "agreement:0.9"}
+    out = setup / "out"
+    assert (out / "b.md").read_text().count("### ") == 3
+    assert all((out / f"b_{ds}.png").stat().st_size > 0 for ds in ("alpaca", "dolly", "cnndm"))
+
+    journal = (out / "b.rows.jsonl").read_text().splitlines()
+    (out / "b.rows.jsonl").write_text("\n".join(journal[:-3]) + "\n" + journal[-3][:20])  # cut mid-line
+    again = run(_cfg(setup), progress=False)  # resumes: re-runs only the three lost pairs
+    # the kept lines and the three pairs run again (the cut line is dropped): nothing else ran
+    lines = (out / "b.rows.jsonl").read_text().splitlines()
+    assert len(lines) == len(journal) and all(json.loads(x) for x in lines)
+
+    def strip(rs):
+        return {
+            (r["dataset"], r.get("split"), r.get("setting", r.get("family")), r.get("target")): (
+                r.get("rouge"),
+                r.get("mean_layers"),
+                r.get("chosen"),
+            )
+            for r in rs
+        }
+
+    assert strip(again) == strip(recs)
+
+
+def test_a_journal_from_other_generation_settings_is_refused(setup):
+    run(_cfg(setup, fresh=True, datasets="alpaca", dev_limit=0, strategies="static"), progress=False)
+    with pytest.raises(CeeGenError, match="new_tokens=6.*--fresh"):
+        run(_cfg(setup, datasets="alpaca", new_tokens=5), progress=False)
+
+
+@pytest.mark.parametrize(
+    "kw, words",
+    [
+        (dict(preset="fast"), "unknown preset"),
+        (dict(limit=0), "limit must be a positive integer"),
+        (dict(targets="rouge:1"), "calibration target 'rouge:1'"),
+        (dict(targets="agreement:2"), "agreement is a share"),
+        (dict(datasets="squad"), "unknown dataset 'squad'"),
+        (dict(strategies="policy,magic"), "unknown strategy family \\['magic'\\]"),
+    ],
+)
+def test_bad_benchmark_settings_are_clear_errors(setup, kw, words):
+    with pytest.raises(CeeGenError, match=words):
+        run(_cfg(setup, **kw), progress=False)
+
+
+def test_cee_bench_cli_reports_errors_in_one_line(setup, capsys):
+    from cee_gen.bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(setup / "nowhere"), "--preset", "quick"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and err.startswith("cee-bench: error:")
+
+
+def test_hf_export_inverts_the_import_for_fused_weights(setup):
+    model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
+    back = convert_hf_state_dict(to_hf_state_dict(model.net), model.args)
+    sd = model.net.state_dict()
+    assert set(back) == {k for k in sd if not k.startswith("rope") and k != "output.weight"}
+    assert all(torch.equal(back[k], sd[k]) for k in back)
+
+
+def test_rouge_both_ways_on_known_answers():
+    assert metrics.rouge_f("the cats sat", "the cat sat")["rouge1"] == pytest.approx(1.0)  # stemming
+    assert metrics.authors_rouge_f("the cats sat", "the cat sat")["rouge1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert metrics.rouge_f("a b c d", "a b x d")["rouge2"] == pytest.approx(1 / 3)
+    assert metrics.authors_rouge_f("", "a b") == {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    assert metrics.token_agreement([1, 2, 3], [1, 5, 3, 4]) == 0.5
+
+
+def _rec(split, setting, family, knob, layers, rougeL, agree):
+    return {
+        "kind": "setting",
+        "dataset": "alpaca",
+        "split": split,
+        "setting": setting,
+        "family": family,
+        "knob": knob,
+        "mean_layers": layers,
+        "ideal_speedup": 30 / layers,
+        "measured_speedup": 30 / layers,
+        "rouge": {"rouge1": 0, "rouge2": 0, "rougeL": rougeL},
+        "token_agreement": agree,
+        "rows": 4,
+    }
+
+
+def test_calibration_picks_the_fewest_layers_meeting_the_target_on_dev_and_reports_test():
+    recs = [
+        _rec("dev", "full", "full", None, 30, 30.0, 1.0),
+        _rec("test", "full", "full", None, 30, 28.0, 1.0),
+    ]
+    for t, layers, dev_r, test_r in ((0.3, 29, 29.5, 28.0), (0.15, 26, 29.2, 26.0), (0.08, 20, 25.0, 27.0)):
+        recs += [
+            _rec("dev", f"policy t={t}", "policy", t, layers, dev_r, 0.9),
+            _rec("test", f"policy t={t}", "policy", t, layers + 0.5, test_r, 0.8),
+        ]
+    recs.append(_rec("dev", "static k=20", "static", 20, 20, 10.0, 0.1))
+    [pol, stat] = calibrate(recs, [("rougeL_drop", 1.0)], {})
+    # t=0.08 has the fewest layers but loses 5 points on dev; t=0.15 is the deepest cut within 1 point
+    assert pol["chosen"] == "policy t=0.15" and pol["test"]["mean_layers"] == 26.5
+    assert pol["test_meets_target"] is False  # 2 points below full on test: reported, not hidden
+    assert stat["chosen"] is None and stat["test"] is None
+
+
+def test_journal_drops_a_line_cut_by_an_interruption_and_appends_cleanly(tmp_path):
+    p = tmp_path / "j.rows.jsonl"
+    j = Journal(p, {"model": "m"}, fresh=False)
+    j.add({"dataset": "alpaca", "split": "test", "setting": "full", "row": "1"})
+    p.write_text(p.read_text() + '{"dataset": "alp')
+    j = Journal(p, {"model": "m"}, fresh=False)
+    assert j.done == {("alpaca", "test", "full", "1")}
+    j.add({"dataset": "alpaca", "split": "test", "setting": "full", "row": "2"})
+    assert len(Journal(p, {"model": "m"}, fresh=False).done) == 2
