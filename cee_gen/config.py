@@ -227,6 +227,7 @@ EXPLORE = ("greedy", "bernoulli")
 TARGETS = ("gold", "self")
 WEIGHTINGS = ("depth", "cosee")
 ADAPTER_INITS = ("regression", "zero")
+MIXED_PRECISION = ("no", "bf16", "fp16")
 
 
 @dataclass
@@ -290,6 +291,11 @@ class TrainConfig:
     explore: str = _f("greedy", "stage 2 actions: greedy (p >= 0.5, epsilon-random) or bernoulli "
                       "(sampled from p)", choices=EXPLORE)
     seed: int = _f(0, "random seed")
+    device: str = _f("auto", "auto (CUDA when available; under `accelerate launch`, each process's GPU) "
+                     "or cpu")
+    mixed_precision: str = _f("no", "autocast of the trained forward passes: no, bf16 or fp16 (fp16 needs "
+                              "CUDA; the weights stay fp32)", choices=MIXED_PRECISION)
+    grad_accum: int = _f(1, "batches whose gradients add up before each optimizer step")
 
     def validate(self) -> TrainConfig:
         def bad(msg):
@@ -300,7 +306,18 @@ class TrainConfig:
         stages = [s.strip() for s in self.stages.split(",") if s.strip()]
         if not stages or any(s not in TRAIN_STAGES for s in stages):
             bad(f"stages {self.stages!r}: use a list of 1, 2, 3, e.g. 1,2,3")
-        for name in ("max_examples", "max_seq_tokens", "epochs", "batch_size", "replicas", "fit_examples"):
+        if self.device not in ("auto", "cpu"):
+            bad(f"device {self.device!r}: use auto or cpu (auto takes the GPU when there is one; choose "
+                "GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+        if self.mixed_precision not in MIXED_PRECISION:
+            bad(f"mixed_precision {self.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
+        if self.mixed_precision == "fp16":
+            import torch
+
+            if not torch.cuda.is_available():
+                bad("mixed_precision fp16 needs a CUDA GPU: use bf16 (CPU autocast) or no")
+        for name in ("max_examples", "max_seq_tokens", "epochs", "batch_size", "replicas", "fit_examples",
+                     "grad_accum"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 bad(f"{name} must be a positive integer, got {v!r}")

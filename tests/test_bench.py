@@ -84,6 +84,8 @@ def test_quick_preset_writes_finite_records_for_every_set_and_setting_then_resum
             r["measured_speedup"],
             r["token_agreement"],
             r["rougeL_vs_full"],
+            r["rougeL_delta"],
+            r["rougeL_delta_se"],
             *r["rouge"].values(),
             *r["authors_rouge"].values(),
         ]
@@ -213,3 +215,20 @@ def test_journal_drops_a_line_cut_by_an_interruption_and_appends_cleanly(tmp_pat
     assert j.done == {("alpaca", "test", "full", "1")}
     j.add({"dataset": "alpaca", "split": "test", "setting": "full", "row": "2"})
     assert len(Journal(p, {"model": "m"}, fresh=False).done) == 2
+
+
+@pytest.mark.default_model
+def test_quick_preset_on_the_default_model_with_its_shipped_heads(default_model, tmp_path):
+    """The documented smoke run: shipped heads (their LoRA merged), HF generate on the same weights
+    gives our full-depth tokens exactly, every number finite."""
+    del default_model  # only ensures the model is in the cache (or skips with the reason)
+    with gzip.open(tmp_path / "alpaca.jsonl.gz", "wt") as f:
+        for i, (q, a) in enumerate([("Give three tips for staying healthy.", "Eat well, sleep, move."),
+                                    ("Name a primary color.", "Red."), ("What is 2 + 2?", "4")] * 20):
+            f.write(json.dumps({"id": i, "instruction": q, "input": "", "output": a}) + "\n")
+    recs = run(BenchConfig(preset="quick", datasets="alpaca", data_dir=str(tmp_path), limit=1, dev_limit=1,
+                           strategies="policy,confidence", out=str(tmp_path / "q.jsonl")), progress=False)
+    by = {(r["split"], r["setting"]): r for r in recs if r["kind"] == "setting"}
+    assert by[("test", "hf generate")]["token_agreement"] == 1.0
+    assert by[("test", "full")]["weights"] != "base" and by[("test", "base full")]["weights"] == "base"
+    assert all(math.isfinite(r["rouge"]["rougeL"]) and math.isfinite(r["ms_per_token"]) for r in by.values())

@@ -43,8 +43,9 @@ def test_collate_aligns_targets_and_masks_response_positions_only():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(lora_rank=0), dict(weighting="cosee"),
-                                dict(lora_rank=0, weighting="cosee")],
-                         ids=["lora", "frozen", "lora-cosee", "frozen-cosee"])
+                                dict(lora_rank=0, weighting="cosee"),
+                                dict(mixed_precision="bf16", grad_accum=2, lr_heads=6e-2, lr_lora=2e-3)],
+                         ids=["lora", "frozen", "lora-cosee", "frozen-cosee", "bf16-accumulated"])
 def test_three_stages_run_losses_fall_and_the_heads_drive_the_policy_strategy(setup, kw):
     out = train(_cfg(setup, **kw), progress=lambda m: None, quiet=True)
     recs = [json.loads(x) for x in (setup / "h.safetensors.metrics.jsonl").read_text().splitlines()]

@@ -34,10 +34,18 @@ def header(r: dict) -> str:
     )
 
 
+def _delta(r: dict) -> str:
+    d, se = r.get("rougeL_delta"), r.get("rougeL_delta_se")
+    if d is None or r["setting"] == "full":
+        return "-"
+    return f"{d:+.2f}" + (f" ± {se:.2f}" if se is not None else "")
+
+
 def setting_table(recs: list[dict]) -> list[str]:
     lines = [
         "| setting | KV fill | mean layers | ideal speed-up | measured speed-up | ms/token | tok/s "
-        "| ROUGE-1 | ROUGE-2 | ROUGE-L | authors' ROUGE-L | token agreement | ROUGE-L vs full | peak MB |",
+        "| ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-L - full (± SE) | authors' ROUGE-L | token agreement "
+        "| ROUGE-L vs full's text |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
@@ -45,9 +53,8 @@ def setting_table(recs: list[dict]) -> list[str]:
             f"| {r['setting']} | {r['kv_fill'] or '-'} | {r['mean_layers']:.2f} | {r['ideal_speedup']:.2f}x "
             f"| {_f(r['measured_speedup'], '{:.2f}x')} | {_f(r['ms_per_token'], '{:.1f}')} "
             f"| {_f(r['decode_tok_s'], '{:.1f}')} | {r['rouge']['rouge1']:.2f} | {r['rouge']['rouge2']:.2f} "
-            f"| **{r['rouge']['rougeL']:.2f}** | {r['authors_rouge']['rougeL']:.2f} "
-            f"| {_f(r['token_agreement'], '{:.3f}')} | {_f(r['rougeL_vs_full'])} "
-            f"| {_f(r['peak_mb'], '{:.0f}')} |"
+            f"| **{r['rouge']['rougeL']:.2f}** | {_delta(r)} | {r['authors_rouge']['rougeL']:.2f} "
+            f"| {_f(r['token_agreement'], '{:.3f}')} | {_f(r['rougeL_vs_full'])} |"
         )
     return lines
 
@@ -96,8 +103,10 @@ def markdown(records: list[dict]) -> str:
                 "",
                 f"Rows: {', '.join(ids[:12])}{' ...' if len(ids) > 12 else ''}. Speed-ups are "
                 "against our full depth in the same run (measured: median over rows of the per-row "
-                "ms/token ratio); ROUGE x100 against the references; agreement against full "
-                "depth's output.",
+                "ms/token ratio); ROUGE x100 against the references, and its paired difference to "
+                "full depth on the same rows with the standard error; agreement against full "
+                "depth's output. Peak resident memory of the process (all models loaded, HF's "
+                f"included): {max(r['peak_mb'] or 0 for r in test):.0f} MB.",
                 "",
             ]
             out += setting_table(test) + [""]

@@ -410,6 +410,18 @@ def summarize(
             for r in rows
             if r in full
         ]
+        scores = [metrics.rouge_f(h, r) for h, r in zip(hyp, ref)]
+        # paired ROUGE-L difference to full depth on the same rows, with its standard error: on a
+        # few rows, differences within ~2 SE are noise
+        diffs = [
+            100
+            * (
+                sc["rougeL"]
+                - metrics.rouge_f(_texts_for_scoring(ds, full[r]["text"]), refs[(ds, r)])["rougeL"]
+            )
+            for r, sc in zip(rows, scores)
+            if r in full
+        ]
         out.append(
             {
                 **common,
@@ -427,7 +439,11 @@ def summarize(
                 "weights": recs[0]["weights"],
                 "rows": len(rows),
                 "row_ids": rows,
-                "rouge": metrics.mean_x100([metrics.rouge_f(h, r) for h, r in zip(hyp, ref)]),
+                "rouge": metrics.mean_x100(scores),
+                "rougeL_delta": round(statistics.mean(diffs), 2) if diffs else None,
+                "rougeL_delta_se": round(statistics.stdev(diffs) / len(diffs) ** 0.5, 2)
+                if len(diffs) > 1
+                else None,
                 "authors_rouge": metrics.mean_x100([metrics.authors_rouge_f(h, r) for h, r in zip(hyp, ref)]),
                 "token_agreement": round(statistics.mean(agree), 4) if agree else None,
                 "rougeL_vs_full": round(100 * statistics.mean(vs_full), 2) if vs_full else None,
@@ -516,6 +532,7 @@ def calibrate(summaries: list[dict], targets: list[tuple[str, float]], common: d
 def write_atomic(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
+    os.chmod(tmp, 0o644)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -596,6 +613,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device) if cfg.base else None
         hf = hf_model(model) if cfg.hf else None
         runner = Runner(cfg, model, heads, base, hf)
+        commit = git_commit()  # of the code that makes these outputs; summaries list every one
         say(f"{len(work)} (setting, row) runs to do, {len(journal.done)} done before; journal {journal_path}")
         warm = set()
         from tqdm import tqdm
@@ -613,7 +631,9 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
                 warm.add(s.label)
             bar.set_postfix_str(f"{ds}/{split} {s.label}", refresh=False)
             res = runner.run(s, ids, text)
-            journal.add({"dataset": ds, "split": split, "setting": s.label, "row": row, **res})
+            journal.add(
+                {"dataset": ds, "split": split, "setting": s.label, "row": row, **res, "commit": commit}
+            )
         bar.close()
 
     common = {
@@ -625,7 +645,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         "decoding": "greedy",
         "machine": machine_info(),
         "versions": versions(),
-        "commit": git_commit(),
+        "commit": ", ".join(sorted({x.get("commit", "unknown") for x in journal.lines})) or git_commit(),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     by_label = {s.label: s for s in settings}

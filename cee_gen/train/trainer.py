@@ -35,6 +35,7 @@ from cee_gen.config import ExitConfig, TrainConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.train import objectives as ob
+from cee_gen.train.accel import Accel
 from cee_gen.train.rollout import rollout
 
 
@@ -85,15 +86,16 @@ def collate(seqs: list[Sequence], pad_id: int, device):
 class _Log:
     """Metrics as JSON lines; `lines` counts them (a checkpoint records it, resume cuts back to it)."""
 
-    def __init__(self, path: Path, append: bool = False):
+    def __init__(self, path: Path, append: bool = False, write: bool = True):
         self.lines = sum(1 for _ in path.open()) if append else 0
-        self.f = path.open("a" if append else "w")
+        self.f = path.open("a" if append else "w") if write else None  # other processes: count only
         self.t0 = time.perf_counter()
 
     def __call__(self, **rec):
         rec["elapsed_s"] = round(time.perf_counter() - self.t0, 2)
-        self.f.write(json.dumps(rec) + "\n")
-        self.f.flush()
+        if self.f is not None:
+            self.f.write(json.dumps(rec) + "\n")
+            self.f.flush()
         self.lines += 1
 
 
@@ -205,29 +207,30 @@ class _Cosee:
         self.seen = [math.inf, -math.inf]
 
 
-def stage1(heads: ExitHeads, X, y, layers, cfg: TrainConfig, log, gen, chunk: int = 256):
+def stage1(heads: ExitHeads, X, y, layers, cfg: TrainConfig, log, gen, acc: Accel, chunk: int = 256):
     """Frozen backbone: the adapters learn on the cached states {layer: (N, D)}, L included."""
     params = list(heads.adapters.parameters())
     if not params:
         return
     loss_layers = layers + [heads.net.args.n_layers]
-    opt = torch.optim.AdamW(params, lr=cfg.lr_heads)
+    opt = acc.optimizer(torch.optim.AdamW(params, lr=cfg.lr_heads))
     N, step, co = y.numel(), 0, _Cosee()
     total = cfg.epochs * math.ceil(N / chunk)
     for epoch in range(cfg.epochs):
-        for idx in _batches(N, chunk, gen):
+        batches = acc.shard(_batches(N, chunk, gen))
+        for j, idx in enumerate(batches):
             states = {x: X[x][idx] for x in loss_layers}
-            loss, ce = _stage1_loss(heads, states, y[idx], loss_layers, cfg, step / total, co, gen)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with acc.autocast():
+                loss, ce = _stage1_loss(heads, states, y[idx], loss_layers, cfg, step / total, co, gen)
+            acc.step(opt, loss, last=j == len(batches) - 1)
             log(stage=1, epoch=epoch, step=step, loss=round(loss.item(), 4),
                 ce_per_layer=[round(v, 3) for v in ce.detach().mean(1).tolist()])
             step += 1
         co.next_epoch()
 
 
-def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfig, log, gen, bar):
+def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfig, log, gen, bar,
+                    acc: Accel):
     """Exit-aware fine-tuning: LoRA on the backbone and the heads' adapters learn together.
 
     Every step runs the batch through the LoRA-hooked backbone with gradients and puts a loss on
@@ -237,13 +240,14 @@ def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfi
     groups = [{"params": list(heads.lora.parameters()), "lr": cfg.lr_lora}]
     if heads.adapters:
         groups.append({"params": list(heads.adapters.parameters()), "lr": cfg.lr_heads})
-    opt = torch.optim.AdamW(groups)
+    opt = acc.optimizer(torch.optim.AdamW(groups))
     dev = net.tok_embeddings.weight.device
     k = cfg.layers_per_step
     step, co = 0, _Cosee()
     total = cfg.epochs * math.ceil(len(seqs) / cfg.batch_size)
     for epoch in range(cfg.epochs):
-        for idx in _batches(len(seqs), cfg.batch_size, gen):
+        batches = acc.shard(_batches(len(seqs), cfg.batch_size, gen))
+        for j, idx in enumerate(batches):
             tokens, target, mask = collate([seqs[i] for i in idx], pad_id, dev)
             y = target[mask] if cfg.target == "gold" else _own_predictions(net, tokens, mask)
             pick = layers if not k or k >= len(layers) else \
@@ -252,12 +256,12 @@ def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfi
             states = {}
             handles = heads.lora.attach(net)
             try:
-                _, h = rollout(net, tokens, pick, torch.zeros_like(mask), _keep_states(pick, mask, states))
-                states[L] = h[mask]
-                loss, ce = _stage1_loss(heads, states, y, loss_layers, cfg, step / total, co, gen)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                with acc.autocast():
+                    keep = _keep_states(pick, mask, states)
+                    _, h = rollout(net, tokens, pick, torch.zeros_like(mask), keep)
+                    states[L] = h[mask]
+                    loss, ce = _stage1_loss(heads, states, y, loss_layers, cfg, step / total, co, gen)
+                acc.step(opt, loss, last=j == len(batches) - 1)
             finally:
                 for hd in handles:
                     hd.remove()
@@ -339,14 +343,15 @@ def _ce_at_exit(heads, h, exit_layer, target, layers, L):
     return ce
 
 
-def stage2(net, heads, seqs, m_tab, pad_id, layers, cfg: TrainConfig, log, gen, bar=None):
+def stage2(net, heads, seqs, m_tab, pad_id, layers, cfg: TrainConfig, log, gen, bar, acc: Accel):
     L, K = net.args.n_layers, cfg.replicas
-    opt = torch.optim.AdamW(list(heads.policies.parameters()), lr=cfg.lr_policy)
+    opt = acc.optimizer(torch.optim.AdamW(list(heads.policies.parameters()), lr=cfg.lr_policy))
     dev = net.tok_embeddings.weight.device
     cand = torch.tensor(layers + [L], device=dev)
     step = 0
     for epoch in range(cfg.epochs):
-        for idx in _batches(len(seqs), cfg.batch_size, gen):
+        batches = acc.shard(_batches(len(seqs), cfg.batch_size, gen))
+        for j, idx in enumerate(batches):
             chunk = [seqs[i] for i in idx]
             tokens, target, mask = collate(chunk, pad_id, dev)
             target = _targets(net, tokens, target, mask, cfg.target)
@@ -357,20 +362,19 @@ def stage2(net, heads, seqs, m_tab, pad_id, layers, cfg: TrainConfig, log, gen, 
             rep = lambda t: t.repeat(K, *([1] * (t.dim() - 1)))  # noqa: E731  (K*B, ...), replica-major
             may = rep(mask).clone()
             may[:B] = False  # replica 0: the expert, never exits
-            exit_layer, h, seen = _rollout_policy(net, heads, rep(tokens), may, layers, cfg.explore,
-                                                  ob.epsilon(step * len(layers)), gen)
-            reward = ob.hardness_reward(_ce_at_exit(heads, h, exit_layer, rep(target), layers, L),
-                                        exit_layer, rep(m), L, cfg.alpha)  # (K*B, T)
-            exit_idx = (exit_layer[..., None] == cand).float().argmax(-1)  # (K*B, T) index into cand
-            p = torch.stack([heads.p_exit(x, None, seen[x]) for x in layers])  # (n, K*B, T), with grad
-            logpi = ob.trajectory_log_prob(p.flatten(1), exit_idx.flatten())  # (K*B*T,)
+            with acc.autocast():
+                exit_layer, h, seen = _rollout_policy(net, heads, rep(tokens), may, layers, cfg.explore,
+                                                      ob.epsilon(step * len(layers)), gen)
+                reward = ob.hardness_reward(_ce_at_exit(heads, h, exit_layer, rep(target), layers, L),
+                                            exit_layer, rep(m), L, cfg.alpha).float()  # (K*B, T)
+                exit_idx = (exit_layer[..., None] == cand).float().argmax(-1)  # (K*B, T) index into cand
+                p = torch.stack([heads.p_exit(x, None, seen[x]) for x in layers]).float()  # (n, K*B, T)
+                logpi = ob.trajectory_log_prob(p.flatten(1), exit_idx.flatten())  # (K*B*T,)
             R, lp = reward.view(K, B * T), logpi.view(K, B * T)
             w = may.view(K, B * T).float()
             adv = (R - R.mean(0, keepdim=True)).detach()
             loss = -(adv * lp * w).sum() / w.sum().clamp(min=1)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            acc.step(opt, loss, last=j == len(batches) - 1)
             explored = exit_layer[B:][mask.repeat(K - 1, 1)].float()
             log(stage=2, epoch=epoch, step=step, loss=round(loss.item(), 5),
                 mean_reward=round(R[1:].flatten()[w[1:].flatten() > 0].mean().item(), 4),
@@ -380,27 +384,27 @@ def stage2(net, heads, seqs, m_tab, pad_id, layers, cfg: TrainConfig, log, gen, 
             step += 1
 
 
-def stage3(net, heads, seqs, pad_id, layers, cfg: TrainConfig, log, gen, bar=None):
+def stage3(net, heads, seqs, pad_id, layers, cfg: TrainConfig, log, gen, bar, acc: Accel):
     params = list(heads.adapters.parameters())
     if not params:
         return
     L = net.args.n_layers
-    opt = torch.optim.AdamW(params, lr=cfg.lr_stage3)
+    opt = acc.optimizer(torch.optim.AdamW(params, lr=cfg.lr_stage3))
     dev = net.tok_embeddings.weight.device
     step = 0
     for epoch in range(cfg.epochs):
-        for idx in _batches(len(seqs), cfg.batch_size, gen):
+        batches = acc.shard(_batches(len(seqs), cfg.batch_size, gen))
+        for j, idx in enumerate(batches):
             tokens, target, mask = collate([seqs[i] for i in idx], pad_id, dev)
             target = _targets(net, tokens, target, mask, cfg.target)
-            exit_layer, h, _ = _rollout_policy(net, heads, tokens, mask, layers, "greedy", 0.0, gen)
-            losses = [F.cross_entropy(heads.logits(x, h[sel]), target[sel], reduction="sum")
-                      for x in layers if (sel := mask & (exit_layer == x)).any()]
+            with acc.autocast():
+                exit_layer, h, _ = _rollout_policy(net, heads, tokens, mask, layers, "greedy", 0.0, gen)
+                losses = [F.cross_entropy(heads.logits(x, h[sel]), target[sel], reduction="sum")
+                          for x in layers if (sel := mask & (exit_layer == x)).any()]
             n_early = int((mask & (exit_layer < L)).sum())
             if losses:
                 loss = torch.stack(losses).sum() / n_early
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                acc.step(opt, loss, last=j == len(batches) - 1)
             log(stage=3, epoch=epoch, step=step, loss=round(loss.item(), 4) if losses else None,
                 mean_exit_layer=round(exit_layer[mask].float().mean().item(), 3))
             if bar is not None:
@@ -499,7 +503,8 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
                               "resume with the same flags, or run without --resume")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    model = cee_gen.load_model(cfg.model, dtype="float32", device="cpu")
+    acc = Accel(cfg.device, cfg.mixed_precision, cfg.grad_accum)
+    model = cee_gen.load_model(cfg.model, dtype="float32", device=str(acc.device))
     net, L = model.net, model.n_layers
     net.requires_grad_(False)
     layers = ExitConfig(exit_layers=cfg.exit_layers).candidates(L, list(range(1, L)))
@@ -522,8 +527,10 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
         done, summary, m_tab, hists = state["done"], state["summary"], state["m_tab"], state["hists"]
         lines = metrics.read_text().splitlines(keepends=True) if metrics.is_file() else []
         metrics.write_text("".join(lines[:state["metric_lines"]]))
-    log = _Log(metrics, append=bool(state))
-    bar = _Bar(quiet)
+    log = _Log(metrics, append=bool(state), write=acc.main)
+    bar = _Bar(quiet or not acc.main)
+    if not acc.main:  # under `accelerate launch`: one process reports and writes the files
+        progress = lambda msg: None  # noqa: E731
     stages = cfg.stage_list
     progress(f"cee-train: {len(seqs)} sequences from {cfg.dataset} (train split), {len(layers)} candidate "
              f"layers, stages {','.join(stages)}"
@@ -533,8 +540,10 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
 
     def save_state(stage):
         done.append(stage)
-        _checkpoint(ckpt_path, config=_resumable(cfg), done=done, heads=heads.state_dict(),
-                    gen=gen.get_state(), summary=summary, m_tab=m_tab, hists=hists, metric_lines=log.lines)
+        if acc.main:
+            _checkpoint(ckpt_path, config=_resumable(cfg), done=done, heads=heads.state_dict(),
+                        gen=gen.get_state(), summary=summary, m_tab=m_tab, hists=hists,
+                        metric_lines=log.lines)
 
     X = None  # the frozen path's state cache, shared by the regression start and stage 1
     if "1" not in done:
@@ -555,9 +564,9 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
                      f"{min(r2.values()):.2f} at layer {min(r2, key=r2.get)} .. {max(r2.values()):.2f})")
         if "1" in stages and lora is not None:
             bar.start(cfg.epochs * math.ceil(len(seqs) / cfg.batch_size), "stage 1 (LoRA + heads)")
-            stage1_finetune(net, heads, seqs, pad, layers, cfg, log, gen, bar)
+            stage1_finetune(net, heads, seqs, pad, layers, cfg, log, gen, bar, acc)
         elif "1" in stages:
-            stage1(heads, X, gold if cfg.target == "gold" else own, layers, cfg, log, gen)
+            stage1(heads, X, gold if cfg.target == "gold" else own, layers, cfg, log, gen, acc)
             del X
         bar.close()
     if lora is not None:
@@ -575,9 +584,9 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
         if stage in stages:
             bar.start(cfg.epochs * math.ceil(len(pol_seqs) / cfg.batch_size), f"stage {stage}")
             if stage == "2":
-                stage2(net, heads, pol_seqs, m_tab, pad, layers, cfg, log, gen, bar)
+                stage2(net, heads, pol_seqs, m_tab, pad, layers, cfg, log, gen, bar, acc)
             else:
-                stage3(net, heads, pol_seqs, pad, layers, cfg, log, gen, bar)
+                stage3(net, heads, pol_seqs, pad, layers, cfg, log, gen, bar, acc)
             bar.close()
             hists[f"after stage {stage}"] = exit_histogram(net, heads, pol_seqs, pad, layers, cfg.batch_size)
         save_state(stage)
@@ -585,6 +594,9 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
     method = "cee-train: ConsistentEE stages" + (f" with LoRA rank {cfg.lora_rank} fine-tuning of the "
                                                   "backbone" if lora else " over a frozen backbone")
     heads.meta["training"] = {"method": method, "config": asdict(cfg), **summary}
+    acc.acc.wait_for_everyone()
+    if not acc.main:
+        return out
     heads.save(out, base_name=model.name, half=True)
     ckpt_path.unlink(missing_ok=True)
     png = plot_training(metrics, hists, out.with_name(out.name + ".png"))

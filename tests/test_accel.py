@@ -1,0 +1,67 @@
+"""Training steps through accelerate: accumulation equals one big batch, the epoch's incomplete
+group is stepped, data-parallel sharding, bf16 autocast end to end, and fp16's CPU refusal."""
+
+import pytest
+import torch
+
+from cee_gen.config import TrainConfig
+from cee_gen.errors import CeeGenError
+from cee_gen.train.accel import Accel
+
+
+def _problem(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 5, generator=g), torch.randn(8, 1, generator=g)
+    lin = torch.nn.Linear(5, 1)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(1, 5, generator=g))
+        lin.bias.zero_()
+    return lin, x, y
+
+
+def test_two_accumulated_half_batches_take_the_step_of_the_whole_batch():
+    a, x, y = _problem()
+    b, _, _ = _problem()
+    acc1 = Accel("cpu", grad_accum=1)
+    opt = acc1.optimizer(torch.optim.AdamW(a.parameters(), lr=0.1))
+    assert acc1.step(opt, torch.nn.functional.mse_loss(a(x), y))
+    acc2 = Accel("cpu", grad_accum=2)
+    opt2 = acc2.optimizer(torch.optim.AdamW(b.parameters(), lr=0.1))
+    assert not acc2.step(opt2, torch.nn.functional.mse_loss(b(x[:4]), y[:4]))  # accumulated, no step
+    assert torch.equal(b.weight, _problem()[0].weight)
+    assert acc2.step(opt2, torch.nn.functional.mse_loss(b(x[4:]), y[4:]))
+    assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
+
+
+def test_the_last_incomplete_group_of_an_epoch_is_stepped():
+    a, x, y = _problem()
+    w0 = a.weight.clone()
+    acc = Accel("cpu", grad_accum=4)
+    opt = acc.optimizer(torch.optim.AdamW(a.parameters(), lr=0.1))
+    assert acc.step(opt, torch.nn.functional.mse_loss(a(x), y), last=True)
+    assert not torch.equal(a.weight, w0) and a.weight.grad is None
+
+
+def test_each_process_gets_every_nth_batch_and_the_same_count(monkeypatch):
+    acc = Accel("cpu")
+    monkeypatch.setattr(Accel, "processes", property(lambda self: 3))
+    got = []
+    for rank in range(3):
+        monkeypatch.setattr(acc.acc.state, "process_index", rank, raising=False)
+        monkeypatch.setattr(type(acc.acc), "process_index", property(lambda self, r=rank: r))
+        got.append(acc.shard(list(range(11))))
+    assert got == [[0, 3, 6], [1, 4, 7], [2, 5, 8]]  # 9 and 10 dropped: every process steps 3 times
+
+
+def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights():
+    a, x, _ = _problem()
+    acc = Accel("cpu", mixed_precision="bf16")
+    with acc.autocast():
+        out = a(x)
+    assert out.dtype == torch.bfloat16 and a.weight.dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_fp16_without_a_gpu_is_a_clear_error():
+    with pytest.raises(CeeGenError, match="fp16 needs a CUDA GPU"):
+        TrainConfig(out="h.safetensors", mixed_precision="fp16").validate()
