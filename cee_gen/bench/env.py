@@ -46,7 +46,8 @@ def versions() -> dict:
 
 
 def git_commit() -> str:
-    """The checkout's short commit, with -dirty when cee_gen/ or benchmarks/ have local changes."""
+    """The checkout's short commit, with -dirty when tracked files in cee_gen/ or benchmarks/ have
+    local changes (new result files do not count)."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=_REPO
@@ -54,7 +55,7 @@ def git_commit() -> str:
         if out.returncode != 0:
             return "unknown"
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "cee_gen", "benchmarks"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", "cee_gen", "benchmarks"],
             capture_output=True,
             text=True,
             cwd=_REPO,
