@@ -141,6 +141,7 @@ def _rows_slots(step: Step, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]
 
 def cache_write(cache_t: torch.Tensor, x: torch.Tensor, step: Step) -> None:
     """Write x (b, T, H_kv, hd) into one layer's cache (B, H_kv, S, hd) at the step's rows and slots."""
+    x = x.to(cache_t.dtype)  # no-op, except under autocast (mixed-precision training)
     if step.rows is None and step.input_pos.dim() == 1:
         cache_t.index_copy_(2, step.input_pos, x.transpose(1, 2))  # all rows, same slots
         return

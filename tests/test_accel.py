@@ -65,3 +65,44 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_fp32_weights():
 def test_fp16_without_a_gpu_is_a_clear_error():
     with pytest.raises(CeeGenError, match="fp16 needs a CUDA GPU"):
         TrainConfig(out="h.safetensors", mixed_precision="fp16").validate()
+
+
+def test_two_data_parallel_processes_split_the_batches_and_write_one_file(tmp_path):
+    """torchrun, 2 CPU processes (gloo): each runs half the steps, gradients are averaged, and the
+    main process alone writes the heads file, which loads and drives generation."""
+    import gzip
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import CORPUS, make_tiny_checkpoint
+
+    import cee_gen
+
+    make_tiny_checkpoint(tmp_path / "m", n_layers=4, seed=2)
+    with gzip.open(tmp_path / "alpaca.jsonl.gz", "wt") as f:
+        for i in range(80):
+            w = CORPUS[i % 4].split()
+            f.write(json.dumps({"id": i, "instruction": " ".join(w[:3]), "input": "",
+                                "output": " ".join(w[3:])}) + "\n")
+    out = tmp_path / "h.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "cee_gen.train.cli", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path),
+           "--out", str(out), "--max-examples", "64", "--max-seq-tokens", "96", "--adapter-rank", "4",
+           "--batch-size", "8", "--template", "chat", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    recs = [json.loads(x) for x in (tmp_path / "h.safetensors.metrics.jsonl").read_text().splitlines()]
+    import math
+    import re
+
+    n_seqs = int(re.search(r"cee-train: (\d+) sequences", r.stderr).group(1))
+    steps = [len([x for x in recs if x["stage"] == k]) for k in (1, 2, 3)]
+    assert steps == [math.ceil(n_seqs / 8) // 2] * 3  # each process ran half the batches; one wrote
+    assert r.stderr.count("cee-train: wrote") == 1
+    model = cee_gen.load_model(str(tmp_path / "m"), dtype="float32", device="cpu")
+    [g] = cee_gen.generate(model, "the quick brown", max_new_tokens=4, chat=False,
+                           exit=cee_gen.ExitConfig(strategy="policy", heads=str(out)))
+    assert len(g.token_ids) == 4

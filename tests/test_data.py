@@ -71,6 +71,9 @@ def test_templates_render_as_documented():
     chat = data.render(with_input, "chat", make_tokenizer(), None)
     assert chat.startswith("<|im_start|>user\nAdd the numbers.\n\n2 and 3<|im_end|>")
     assert chat.endswith("<|im_start|>assistant\n")
+    chat_art = data.render(art, "chat", make_tokenizer(), None)  # the task sentence stays with the article
+    assert chat_art.startswith("<|im_start|>user\nPlease generate highlights for the articles.\n\n"
+                               "the article text .<|im_end|>")
 
 
 def test_long_articles_are_cut_in_the_text_and_keep_the_template(data_dir):

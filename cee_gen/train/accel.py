@@ -60,6 +60,10 @@ class Accel:
         usable = len(batches) - len(batches) % n
         return batches[self.acc.process_index:usable:n]
 
+    def steps(self, n_batches: int) -> int:
+        """How many of n_batches this process runs (see shard)."""
+        return n_batches // self.processes if self.processes > 1 else n_batches
+
     def optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
         self._pending[id(opt)] = 0
         return opt

@@ -215,7 +215,7 @@ def stage1(heads: ExitHeads, X, y, layers, cfg: TrainConfig, log, gen, acc: Acce
     loss_layers = layers + [heads.net.args.n_layers]
     opt = acc.optimizer(torch.optim.AdamW(params, lr=cfg.lr_heads))
     N, step, co = y.numel(), 0, _Cosee()
-    total = cfg.epochs * math.ceil(N / chunk)
+    total = cfg.epochs * acc.steps(math.ceil(N / chunk))
     for epoch in range(cfg.epochs):
         batches = acc.shard(_batches(N, chunk, gen))
         for j, idx in enumerate(batches):
@@ -244,7 +244,7 @@ def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfi
     dev = net.tok_embeddings.weight.device
     k = cfg.layers_per_step
     step, co = 0, _Cosee()
-    total = cfg.epochs * math.ceil(len(seqs) / cfg.batch_size)
+    total = cfg.epochs * acc.steps(math.ceil(len(seqs) / cfg.batch_size))
     for epoch in range(cfg.epochs):
         batches = acc.shard(_batches(len(seqs), cfg.batch_size, gen))
         for j, idx in enumerate(batches):
@@ -563,7 +563,7 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
             progress(f"cee-train: adapters fitted by regression on {len(fit_seqs)} sequences (R^2 "
                      f"{min(r2.values()):.2f} at layer {min(r2, key=r2.get)} .. {max(r2.values()):.2f})")
         if "1" in stages and lora is not None:
-            bar.start(cfg.epochs * math.ceil(len(seqs) / cfg.batch_size), "stage 1 (LoRA + heads)")
+            bar.start(cfg.epochs * acc.steps(math.ceil(len(seqs) / cfg.batch_size)), "stage 1 (LoRA + heads)")
             stage1_finetune(net, heads, seqs, pad, layers, cfg, log, gen, bar, acc)
         elif "1" in stages:
             stage1(heads, X, gold if cfg.target == "gold" else own, layers, cfg, log, gen, acc)
@@ -582,7 +582,7 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
         if stage in done:
             continue
         if stage in stages:
-            bar.start(cfg.epochs * math.ceil(len(pol_seqs) / cfg.batch_size), f"stage {stage}")
+            bar.start(cfg.epochs * acc.steps(math.ceil(len(pol_seqs) / cfg.batch_size)), f"stage {stage}")
             if stage == "2":
                 stage2(net, heads, pol_seqs, m_tab, pad, layers, cfg, log, gen, bar, acc)
             else:
