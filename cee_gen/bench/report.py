@@ -123,10 +123,9 @@ def markdown(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], ds: str, png: Path) -> Path | None:
-    import matplotlib
+    from cee_gen.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = [r for r in records if r["kind"] == "setting" and r["dataset"] == ds and r["split"] == "test"]
     if not recs:
@@ -158,11 +157,7 @@ def plot(records: list[dict], ds: str, png: Path) -> Path | None:
     axes[0].set_ylabel("ROUGE-L F x100 vs references")
     axes[1].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save(fig, png)
 
 
 def write(records: list[dict], out: Path) -> list[Path]:

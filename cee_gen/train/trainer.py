@@ -607,10 +607,9 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
 
 def plot_training(metrics: Path, hists: dict, png: Path) -> Path | None:
     """Losses per stage and the exit-layer histograms after each stage, in one PNG."""
-    import matplotlib
+    from cee_gen.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -631,8 +630,4 @@ def plot_training(metrics: Path, hists: dict, png: Path) -> Path | None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    tmp = png.with_name(png.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    tmp.replace(png)
-    return png
+    return save(fig, png)
