@@ -39,17 +39,16 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "policy_eval_cpu.jsonl")
     args = ap.parse_args(argv)
 
-    from rouge_score import rouge_scorer
-
     import cee_gen
     from cee_gen import data
+    from cee_gen.bench.metrics import rouge_f, token_agreement
     from cee_gen.config import ExitConfig
+    from cee_gen.generate import exit_histogram
 
     base = cee_gen.load_model(args.model, dtype="float32", device="cpu")
     model = cee_gen.load_model(args.model, dtype="float32", device="cpu")  # gets the heads' LoRA
     rows = data.load_split(args.dataset, args.split, args.data_dir, limit=args.n)
     prompts = [data.render(r, args.template, model.tokenizer) for r in rows]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     settings = [("full", None)] + ([] if args.skip_base else [("base full", None)])
     settings += [(s.split(":")[0], float(s.split(":")[1])) for s in args.strategies.split(",") if s]
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(), "model": model.name,
@@ -70,20 +69,16 @@ def main(argv=None) -> None:
         if name == "full":
             full_ids = [o.token_ids for o in res]
         agree = None if full_ids is None else statistics.mean(
-            sum(a == b for a, b in zip(o.token_ids, f)) / max(len(f), 1) for o, f in zip(res, full_ids))
-        rouge = statistics.mean(scorer.score(r.reference, o.text)["rougeL"].fmeasure
-                                for r, o in zip(rows, res))
+            token_agreement(o.token_ids, f) for o, f in zip(res, full_ids))
+        rouge = statistics.mean(rouge_f(o.text, r.reference)["rougeL"] for r, o in zip(rows, res))
         layers = [d for o in res for d in o.stats["layers_per_token"][1:]]
         mean = sum(layers) / max(len(layers), 1)
         ms = 1e3 * sum(o.stats["decode_s"] for o in res) / max(sum(len(o.token_ids) - 1 for o in res), 1)
-        hist: dict[int, int] = {}
-        for d in layers:
-            hist[d] = hist.get(d, 0) + 1
         recs.append({**common, "setting": name if t is None else f"{name} t={t}",
                      "weights": res[0].stats["weights"], "rougeL": round(100 * rouge, 2),
                      "token_agreement": None if agree is None else round(agree, 4),
                      "mean_layers": round(mean, 2), "ideal_speedup": round(model.n_layers / mean, 3),
-                     "ms_per_token": round(ms, 2), "exit_histogram": dict(sorted(hist.items()))})
+                     "ms_per_token": round(ms, 2), "exit_histogram": exit_histogram(layers)})
         if name == "full":
             full_ms = ms
         recs[-1]["measured_speedup"] = round(full_ms / ms, 3)

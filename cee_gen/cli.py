@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from dataclasses import MISSING, fields
 from pathlib import Path
 
 from cee_gen.config import ExitConfig, GenerationConfig, LoadConfig
 from cee_gen.errors import CeeGenError
+from cee_gen.files import write_text
 
 EXAMPLES = """\
 examples:
@@ -127,14 +126,7 @@ def _write_atomic(path: Path, lines: list[str]) -> None:
     path = path.expanduser()
     if not path.parent.is_dir():
         raise CeeGenError(f"cannot write --output {path}: folder {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ comparisons would hinge on float rounding instead of on behaviour.
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 
 import pytest
@@ -64,6 +66,15 @@ def make_tiny_checkpoint(path, *, n_layers=3, n_heads=4, n_kv_heads=2, tie=True,
     hf.save_pretrained(path)
     tok.save_pretrained(path)
     return hf
+
+
+def write_instruction_set(path, n: int) -> None:
+    """A gzip JSON Lines instruction set (Alpaca's fields) of n rows cut from CORPUS."""
+    with gzip.open(path, "wt") as f:
+        for i in range(n):
+            w = CORPUS[i % 4].split()
+            f.write(json.dumps({"id": i, "instruction": " ".join(w[:3]), "input": "",
+                                "output": " ".join(w[3:])}) + "\n")
 
 
 @pytest.fixture(scope="session")

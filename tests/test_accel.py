@@ -23,10 +23,10 @@ def test_two_accumulated_half_batches_take_the_step_of_the_whole_batch():
     a, x, y = _problem()
     b, _, _ = _problem()
     acc1 = Accel("cpu", grad_accum=1)
-    opt = acc1.optimizer(torch.optim.AdamW(a.parameters(), lr=0.1))
+    opt = torch.optim.AdamW(a.parameters(), lr=0.1)
     assert acc1.step(opt, torch.nn.functional.mse_loss(a(x), y))
     acc2 = Accel("cpu", grad_accum=2)
-    opt2 = acc2.optimizer(torch.optim.AdamW(b.parameters(), lr=0.1))
+    opt2 = torch.optim.AdamW(b.parameters(), lr=0.1)
     assert not acc2.step(opt2, torch.nn.functional.mse_loss(b(x[:4]), y[:4]))  # accumulated, no step
     assert torch.equal(b.weight, _problem()[0].weight)
     assert acc2.step(opt2, torch.nn.functional.mse_loss(b(x[4:]), y[4:]))
@@ -37,7 +37,7 @@ def test_the_last_incomplete_group_of_an_epoch_is_stepped():
     a, x, y = _problem()
     w0 = a.weight.clone()
     acc = Accel("cpu", grad_accum=4)
-    opt = acc.optimizer(torch.optim.AdamW(a.parameters(), lr=0.1))
+    opt = torch.optim.AdamW(a.parameters(), lr=0.1)
     assert acc.step(opt, torch.nn.functional.mse_loss(a(x), y), last=True)
     assert not torch.equal(a.weight, w0) and a.weight.grad is None
 
@@ -70,22 +70,17 @@ def test_fp16_without_a_gpu_is_a_clear_error():
 def test_two_data_parallel_processes_split_the_batches_and_write_one_file(tmp_path):
     """torchrun, 2 CPU processes (gloo): each runs half the steps, gradients are averaged, and the
     main process alone writes the heads file, which loads and drives generation."""
-    import gzip
     import json
     import os
     import subprocess
     import sys
 
-    from conftest import CORPUS, make_tiny_checkpoint
+    from conftest import make_tiny_checkpoint, write_instruction_set
 
     import cee_gen
 
     make_tiny_checkpoint(tmp_path / "m", n_layers=4, seed=2)
-    with gzip.open(tmp_path / "alpaca.jsonl.gz", "wt") as f:
-        for i in range(80):
-            w = CORPUS[i % 4].split()
-            f.write(json.dumps({"id": i, "instruction": " ".join(w[:3]), "input": "",
-                                "output": " ".join(w[3:])}) + "\n")
+    write_instruction_set(tmp_path / "alpaca.jsonl.gz", 80)
     out = tmp_path / "h.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
            "-m", "cee_gen.train.cli", "--model", str(tmp_path / "m"), "--data-dir", str(tmp_path),

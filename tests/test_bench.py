@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_checkpoint
+from conftest import CORPUS, make_tiny_checkpoint, write_instruction_set
 
 import cee_gen
 from cee_gen.bench import metrics
@@ -34,20 +34,13 @@ def setup(tmp_path_factory):
     )
     data = root / "data"
     data.mkdir()
-    for name, file in (
-        ("alpaca", "alpaca.jsonl.gz"),
-        ("dolly", "dolly.jsonl.gz"),
-        ("cnndm", "cnndm_test.jsonl.gz"),
-    ):
-        with gzip.open(data / file, "wt") as f:
-            for i in range(60):
-                w = CORPUS[i % 4].split()
-                row = (
-                    {"id": f"a{i}", "article": " ".join(w), "highlights": " ".join(w[:6]).lower()}
-                    if name == "cnndm"
-                    else {"id": i, "instruction": " ".join(w[:3]), "input": "", "output": " ".join(w[3:])}
-                )
-                f.write(json.dumps(row) + "\n")
+    write_instruction_set(data / "alpaca.jsonl.gz", 60)
+    write_instruction_set(data / "dolly.jsonl.gz", 60)
+    with gzip.open(data / "cnndm_test.jsonl.gz", "wt") as f:
+        for i in range(60):
+            w = CORPUS[i % 4].split()
+            row = {"id": f"a{i}", "article": " ".join(w), "highlights": " ".join(w[:6]).lower()}
+            f.write(json.dumps(row) + "\n")
     return root
 
 

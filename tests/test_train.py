@@ -1,11 +1,10 @@
 """cee-train end to end on a tiny model: three stages run, losses fall, the heads drive generation."""
 
-import gzip
 import json
 
 import pytest
 import torch
-from conftest import CORPUS, make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, write_instruction_set
 
 import cee_gen
 from cee_gen.config import TrainConfig
@@ -17,11 +16,7 @@ from cee_gen.train.trainer import collate, prepare, train
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     make_tiny_checkpoint(root / "m", n_layers=4, seed=2)
-    with gzip.open(root / "alpaca.jsonl.gz", "wt") as f:
-        for i in range(120):
-            words = CORPUS[i % 4].split()
-            f.write(json.dumps({"id": i, "instruction": " ".join(words[:3]), "input": "",
-                                "output": " ".join(words[3:])}) + "\n")
+    write_instruction_set(root / "alpaca.jsonl.gz", 120)
     return root
 
 

@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from cee_gen.files import pyplot, save_figure, write_text
+
 NAMES = {"alpaca": "Alpaca", "dolly": "Dolly", "cnndm": "CNN/DM"}
 
 
@@ -123,8 +125,6 @@ def markdown(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], ds: str, png: Path) -> Path | None:
-    from cee_gen.plots import pyplot, save
-
     plt = pyplot()
 
     recs = [r for r in records if r["kind"] == "setting" and r["dataset"] == ds and r["split"] == "test"]
@@ -157,15 +157,13 @@ def plot(records: list[dict], ds: str, png: Path) -> Path | None:
     axes[0].set_ylabel("ROUGE-L F x100 vs references")
     axes[1].legend(fontsize=8, loc="best")
     fig.tight_layout()
-    return save(fig, png)
+    return save_figure(fig, png)
 
 
 def write(records: list[dict], out: Path) -> list[Path]:
     """<out>.md and one <out>_<set>.png per set."""
-    from cee_gen.bench.suite import write_atomic
-
     md = out.with_suffix(".md")
-    write_atomic(md, markdown(records))
+    write_text(md, markdown(records))
     pngs = [
         plot(records, ds, out.with_name(f"{out.stem}_{ds}.png"))
         for ds in sorted({r["dataset"] for r in records if r["kind"] == "setting"})

@@ -25,10 +25,8 @@ written atomically. The summaries' fields are in `summarize`.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from cee_gen.bench import metrics
 from cee_gen.bench.env import PeakMemory, git_commit, machine_info, versions
 from cee_gen.config import BenchConfig, ExitConfig
 from cee_gen.errors import CeeGenError
+from cee_gen.files import write_text
 
 
 @dataclass(frozen=True)
@@ -368,9 +367,22 @@ def summarize(
     ms_per_token (decode), decode_tok_s, tok_s (prefill included), measured_speedup (median over
     rows of full's ms/token / this one's, same row) and measured_speedup_pooled (ratio of totals);
     peak_mb (max over rows)."""
+    from cee_gen.generate import exit_histogram
+
     by: dict[tuple, dict[str, dict]] = {}
     for rec in lines:
         by.setdefault((rec["dataset"], rec["split"], rec["setting"]), {})[rec["row"]] = rec
+    scored: dict[tuple, dict[str, float]] = {}
+
+    def score(ds: str, split: str, label: str, row: str) -> dict[str, float]:
+        """rouge-score F of one output against its reference, computed once (full's serves every
+        setting's paired difference)."""
+        key = (ds, split, label, row)
+        if key not in scored:
+            text = _texts_for_scoring(ds, by[(ds, split, label)][row]["text"])
+            scored[key] = metrics.rouge_f(text, refs[(ds, row)])
+        return scored[key]
+
     out = []
     for (ds, split, label), done in sorted(by.items(), key=lambda kv: kv[0][:2]):
         s = settings.get(label)
@@ -410,15 +422,11 @@ def summarize(
             for r in rows
             if r in full
         ]
-        scores = [metrics.rouge_f(h, r) for h, r in zip(hyp, ref)]
+        scores = [score(ds, split, label, r) for r in rows]
         # paired ROUGE-L difference to full depth on the same rows, with its standard error: on a
         # few rows, differences within ~2 SE are noise
         diffs = [
-            100
-            * (
-                sc["rougeL"]
-                - metrics.rouge_f(_texts_for_scoring(ds, full[r]["text"]), refs[(ds, r)])["rougeL"]
-            )
+            100 * (sc["rougeL"] - score(ds, split, "full", r)["rougeL"])
             for r, sc in zip(rows, scores)
             if r in full
         ]
@@ -449,7 +457,7 @@ def summarize(
                 "rougeL_vs_full": round(100 * statistics.mean(vs_full), 2) if vs_full else None,
                 "mean_layers": round(mean, 3),
                 "ideal_speedup": round(n_layers / mean, 3),
-                "exit_histogram": {str(k): v for k, v in sorted(_hist(dec_layers).items())},
+                "exit_histogram": {str(k): v for k, v in exit_histogram(dec_layers).items()},
                 "tokens": sum(len(x["ids"]) for x in recs),
                 "ms_per_token": None if my_ms is None else round(my_ms, 2),
                 "decode_tok_s": round(steps / dec_s, 2) if dec_s > 0 else None,
@@ -464,13 +472,6 @@ def summarize(
             }
         )
     return out
-
-
-def _hist(xs: list[int]) -> dict[int, int]:
-    h: dict[int, int] = {}
-    for x in xs:
-        h[x] = h.get(x, 0) + 1
-    return h
 
 
 def meets(rec: dict, full: dict, target: tuple[str, float]) -> bool:
@@ -527,19 +528,6 @@ def calibrate(summaries: list[dict], targets: list[tuple[str, float]], common: d
                     }
                 )
     return out
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    os.chmod(tmp, 0o644)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -651,7 +639,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     by_label = {s.label: s for s in settings}
     summaries = summarize(journal.lines, refs, order, by_label, model.n_layers, common)
     records = summaries + calibrate(summaries, cfg.target_list(), common)
-    write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    write_text(out, "".join(json.dumps(r) + "\n" for r in records))
     report.write(records, out)
     say(f"wrote {out}, {out.with_suffix('.md')} and the plots")
     return records

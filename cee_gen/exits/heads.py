@@ -27,14 +27,13 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from cee_gen.errors import CeeGenError, one_line
+from cee_gen.files import atomic_path
 from cee_gen.lora import LoRA
 from cee_gen.model import Transformer, linear
 
@@ -206,17 +205,8 @@ class ExitHeads(nn.Module):
         tensors = {k: v.detach().to(torch.float16 if k.startswith(low) else torch.float32).cpu()
                    .contiguous() for k, v in self.state_dict().items()}
         tensors["base_probe"] = base_probe(self.net)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={META_KEY: json.dumps(self.metadata())})
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a saved file gets the usual mode
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.metadata())})
         return path
 
 

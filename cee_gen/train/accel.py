@@ -64,10 +64,6 @@ class Accel:
         """How many of n_batches this process runs (see shard)."""
         return n_batches // self.processes if self.processes > 1 else n_batches
 
-    def optimizer(self, opt: torch.optim.Optimizer) -> torch.optim.Optimizer:
-        self._pending[id(opt)] = 0
-        return opt
-
     def _params(self, opt):
         return [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
 
@@ -75,7 +71,7 @@ class Accel:
         """Backward of loss / grad_accum; an optimizer step when grad_accum batches have
         accumulated or `last` (the end of an epoch). Returns whether it stepped."""
         self.acc.backward(loss / self.grad_accum)
-        k = self._pending[id(opt)] = self._pending[id(opt)] + 1
+        k = self._pending[id(opt)] = self._pending.get(id(opt), 0) + 1
         if k < self.grad_accum and not last:
             return False
         params = self._params(opt)

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from cee_gen.config import ExitConfig, TrainConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
+from cee_gen.files import atomic_path, pyplot, save_figure
 from cee_gen.train import objectives as ob
 from cee_gen.train.accel import Accel
 from cee_gen.train.rollout import rollout
@@ -213,7 +214,7 @@ def stage1(heads: ExitHeads, X, y, layers, cfg: TrainConfig, log, gen, acc: Acce
     if not params:
         return
     loss_layers = layers + [heads.net.args.n_layers]
-    opt = acc.optimizer(torch.optim.AdamW(params, lr=cfg.lr_heads))
+    opt = torch.optim.AdamW(params, lr=cfg.lr_heads)
     N, step, co = y.numel(), 0, _Cosee()
     total = cfg.epochs * acc.steps(math.ceil(N / chunk))
     for epoch in range(cfg.epochs):
@@ -240,7 +241,7 @@ def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfi
     groups = [{"params": list(heads.lora.parameters()), "lr": cfg.lr_lora}]
     if heads.adapters:
         groups.append({"params": list(heads.adapters.parameters()), "lr": cfg.lr_heads})
-    opt = acc.optimizer(torch.optim.AdamW(groups))
+    opt = torch.optim.AdamW(groups)
     dev = net.tok_embeddings.weight.device
     k = cfg.layers_per_step
     step, co = 0, _Cosee()
@@ -345,7 +346,7 @@ def _ce_at_exit(heads, h, exit_layer, target, layers, L):
 
 def stage2(net, heads, seqs, m_tab, pad_id, layers, cfg: TrainConfig, log, gen, bar, acc: Accel):
     L, K = net.args.n_layers, cfg.replicas
-    opt = acc.optimizer(torch.optim.AdamW(list(heads.policies.parameters()), lr=cfg.lr_policy))
+    opt = torch.optim.AdamW(list(heads.policies.parameters()), lr=cfg.lr_policy)
     dev = net.tok_embeddings.weight.device
     cand = torch.tensor(layers + [L], device=dev)
     step = 0
@@ -389,7 +390,7 @@ def stage3(net, heads, seqs, pad_id, layers, cfg: TrainConfig, log, gen, bar, ac
     if not params:
         return
     L = net.args.n_layers
-    opt = acc.optimizer(torch.optim.AdamW(params, lr=cfg.lr_stage3))
+    opt = torch.optim.AdamW(params, lr=cfg.lr_stage3)
     dev = net.tok_embeddings.weight.device
     step = 0
     for epoch in range(cfg.epochs):
@@ -467,9 +468,8 @@ def _load_init(heads: ExitHeads, path: str, net, name: str) -> dict:
 
 
 def _checkpoint(path: Path, **state) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a crash mid-write leaves the previous checkpoint
+    with atomic_path(path) as tmp:  # a crash mid-write leaves the previous checkpoint
+        torch.save(state, tmp)
 
 
 def _resumable(cfg: TrainConfig) -> dict:
@@ -607,8 +607,6 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
 
 def plot_training(metrics: Path, hists: dict, png: Path) -> Path | None:
     """Losses per stage and the exit-layer histograms after each stage, in one PNG."""
-    from cee_gen.plots import pyplot, save
-
     plt = pyplot()
 
     recs = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
@@ -630,4 +628,4 @@ def plot_training(metrics: Path, hists: dict, png: Path) -> Path | None:
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    return save(fig, png)
+    return save_figure(fig, png)

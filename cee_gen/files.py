@@ -1,0 +1,49 @@
+"""Files written atomically (a temporary file beside the target, then a rename), so an error or
+Ctrl-C never leaves half a file: heads files, checkpoints, result files, tables and figures."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in path's folder; write it inside the block. On success it replaces
+    `path` with the usual file mode (mkstemp makes 0600); on an error it is removed."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def pyplot():
+    """matplotlib.pyplot without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, png: Path) -> Path:
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    pyplot().close(fig)
+    return png
