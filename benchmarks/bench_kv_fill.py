@@ -15,19 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_gpu import SHAPES  # noqa: E402
+
 from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 from cee_gen.cache import StaticKVCache  # noqa: E402
 from cee_gen.kv_fill import FILL_MODES, KVFiller  # noqa: E402
-from cee_gen.model import ModelArgs, Transformer  # noqa: E402
+from cee_gen.model import Transformer  # noqa: E402
 
-SMOLLM2 = ModelArgs(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64,
-                    intermediate_size=1536, rope_theta=1e5, max_position_embeddings=8192,
-                    tie_word_embeddings=True)
+SMOLLM2 = SHAPES["smollm2-135m"]
 
 
 def median_time(fn, repeats: int) -> float:

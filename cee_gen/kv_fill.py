@@ -13,15 +13,17 @@ layers [e, L). Modes (shared/reference/methods.md §1.7, peer_systems.md §1):
 `propagate` in one matmul: RMSNorm_j(h) = g_j * n(h), with n(h) = h / rms(h) the same for every j,
 so W^j RMSNorm_j(h) = (W^j diag(g_j)) n(h). Folding g_j into the stacked K/V weights of all layers
 turns the fill for every skipped layer and every exited row into one (rows, D) x (D, layers*2*kv)
-product (the fold is computed once per model). This module is the reference the CUDA kernel of
-csrc/ must match.
+product (the fold is computed once per model). The fill itself is the op `cee_gen::kv_fill`
+(cee_gen/ops): the CUDA kernel of csrc/ on a GPU with the extension built, else its PyTorch twin,
+ops/reference.py, which tests compare the kernel against.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cee_gen.model import Step, Transformer, apply_rope, cache_gather, cache_write
+from cee_gen import ops
+from cee_gen.model import Step, Transformer, rows_slots
 
 MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
 FILL_MODES = MODES[:3]  # the modes this module fills; recompute is the engine's
@@ -46,30 +48,16 @@ class KVFiller:
         a, e, L = self.net.args, exit_layer, self.net.args.n_layers
         if e >= L:
             return
+        if mode == "copy-kv" and e == 0:
+            raise ValueError("copy-kv needs at least one computed layer (exit_layer >= 1)")
         B, T, D = h.shape
-        if mode == "copy-kv":
-            if e == 0:
-                raise ValueError("copy-kv needs at least one computed layer (exit_layer >= 1)")
-            src_k = cache_gather(cache.k[e - 1], step, B, T)  # (B, T, H_kv, hd)
-            src_v = cache_gather(cache.v[e - 1], step, B, T)
-            for j in range(e, L):
-                cache_write(cache.k[j], src_k, step)
-                cache_write(cache.v[j], src_v, step)
+        rows, slots = rows_slots(step, B, T)  # (B, 1), (B, T)
+        rows, slots = rows.expand(B, T).reshape(-1), slots.reshape(-1)  # (N,) entries, N = B*T
+        if mode == "copy-kv":  # exit_layer None: every entry exits at e (the ops also take one per entry)
+            ops.kv_copy(rows, slots, None, e, cache.k, cache.v)
             return
-        if mode == "propagate":
-            hf = h.float()
-            x = (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + a.norm_eps)).to(h.dtype)
-            w = self.w_folded[e:]
-        else:
-            x, w = h, self.w_raw[e:]
-        n = L - e
-        kv = x.reshape(B * T, D) @ w.reshape(n * 2 * self.kv, D).t()  # (B*T, n*2kv): one matmul
-        kv = kv.view(B, T, n, 2 * self.kv)
-        if self.bias is not None:
-            kv = kv + self.bias[e:]
-        k = kv[..., :self.kv].reshape(B, T, n * a.n_kv_heads, a.head_dim)
-        k = apply_rope(k, step.cos, step.sin).view(B, T, n, a.n_kv_heads, a.head_dim)
-        v = kv[..., self.kv:].view(B, T, n, a.n_kv_heads, a.head_dim)
-        for i, j in enumerate(range(e, L)):
-            cache_write(cache.k[j], k[:, :, i], step)  # (B, T, H_kv, hd)
-            cache_write(cache.v[j], v[:, :, i], step)
+        w = self.w_folded if mode == "propagate" else self.w_raw
+        hd = a.head_dim
+        ops.kv_fill(h.reshape(B * T, D), w, self.bias, step.cos.reshape(B * T, hd),
+                    step.sin.reshape(B * T, hd), rows, slots, None, e, cache.k, cache.v, a.norm_eps,
+                    mode == "propagate")

@@ -132,7 +132,7 @@ class Step:
         return Step(ip, self.cos[idx], self.sin[idx], self.mask[idx], self.kv_len, self.gemv, rows)
 
 
-def _rows_slots(step: Step, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rows_slots(step: Step, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(b, 1) cache rows and (b, T) slots of the step's queries, for advanced indexing."""
     rows = torch.arange(b, device=step.input_pos.device) if step.rows is None else step.rows
     slots = step.input_pos if step.input_pos.dim() == 2 else step.input_pos.expand(b, T)
@@ -145,16 +145,8 @@ def cache_write(cache_t: torch.Tensor, x: torch.Tensor, step: Step) -> None:
     if step.rows is None and step.input_pos.dim() == 1:
         cache_t.index_copy_(2, step.input_pos, x.transpose(1, 2))  # all rows, same slots
         return
-    rows, slots = _rows_slots(step, *x.shape[:2])
+    rows, slots = rows_slots(step, *x.shape[:2])
     cache_t[rows, :, slots] = x  # (b, T) index pairs -> (b, T, H_kv, hd)
-
-
-def cache_gather(cache_t: torch.Tensor, step: Step, b: int, T: int) -> torch.Tensor:
-    """The entries at the step's rows and slots: (b, T, H_kv, hd), what cache_write would write."""
-    if step.rows is None and step.input_pos.dim() == 1:
-        return cache_t.index_select(2, step.input_pos).transpose(1, 2)
-    rows, slots = _rows_slots(step, b, T)
-    return cache_t[rows, :, slots]
 
 
 def cache_read(cache_t: torch.Tensor, step: Step) -> torch.Tensor:

@@ -225,3 +225,26 @@ def test_quick_preset_on_the_default_model_with_its_shipped_heads(default_model,
     assert by[("test", "hf generate")]["token_agreement"] == 1.0
     assert by[("test", "full")]["weights"] != "base" and by[("test", "base full")]["weights"] == "base"
     assert all(math.isfinite(r["rouge"]["rougeL"]) and math.isfinite(r["ms_per_token"]) for r in by.values())
+
+
+def test_gpu_suite_runs_in_a_tiny_shape_on_the_cpu_and_labels_its_records(tmp_path):
+    """The GPU benchmark cannot run in CI; this keeps its code paths alive: every kind of record
+    comes out, finite, labelled random weights, with the kernel marked absent on the CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_gpu.py"
+    out = tmp_path / "gpu.jsonl"
+    subprocess.run([sys.executable, str(script), "--shape", "tiny", "--device", "cpu", "--dtype", "float32",
+                    "--repeats", "1", "--new-tokens", "6", "--prompt-tokens", "4", "--bandwidth-mb", "16",
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["kind"] for r in recs} == {"bandwidth", "decode", "kv_fill", "early_exit"}
+    assert all(r["weights"] == "random (real shapes)" and r["device"] == "cpu" for r in recs)
+    assert all(r["kernel"] is False for r in recs if r["kind"] == "kv_fill")
+    plans = {r["plan"]: r for r in recs if r["kind"] == "early_exit"}
+    assert plans["full"]["mean_layers"] == 4 and plans["static k=2"]["ideal_speedup"] == 2.0
+    assert "policy t=0.15" in plans  # replayed from the committed journal, scaled to 4 layers
+    nums = [v for r in recs for v in r.values() if isinstance(v, float)]
+    assert nums and all(math.isfinite(v) and v >= 0 for v in nums)
