@@ -141,7 +141,7 @@ def run(argv: list[str] | None = None) -> int:
 
     import cee_gen
 
-    model = cee_gen.load_model(load.model, dtype=load.dtype, device=load.device)
+    model = cee_gen.load_model(load.model, dtype=load.dtype, device=load.device, quantize=load.quantize)
     stream = None
     if args.stream and not args.json and args.output is None:
         def stream(i, delta):

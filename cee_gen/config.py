@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from cee_gen.errors import CeeGenError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = ("none", "8bit", "4bit")
 EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patience", "saturation", "hash",
                    "cascade")
 KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
@@ -37,10 +38,14 @@ class LoadConfig:
     dtype: str = _f("auto", "weights and compute dtype: auto (bfloat16 on CUDA, float32 on CPU), "
                     "float32, bfloat16, float16", choices=DTYPES)
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
+    quantize: str = _f("none", "weights of the decoder layers through bitsandbytes: none, 8bit (LLM.int8) "
+                       "or 4bit (NF4)", choices=QUANTIZE)
 
     def validate(self) -> LoadConfig:
         if self.dtype not in DTYPES:
             raise CeeGenError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.quantize not in QUANTIZE:
+            raise CeeGenError(f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         return self
 
 

@@ -24,6 +24,7 @@ from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads, load_heads
 from cee_gen.exits.strategies import make_strategy
 from cee_gen.loading import Model
+from cee_gen.quant import quantized
 
 
 @dataclass
@@ -191,6 +192,9 @@ def generate(
     if cfg.do_sample:
         generator = torch.Generator(device=model.device)
         generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    if cfg.compile and quantized(model.net):
+        raise CeeGenError(f"compile does not support {quantized(model.net)} (bitsandbytes) weights: drop "
+                          "--compile or load with quantize none")
     decoder = _decoder(model, cfg.compile)
     results: list[GenerationResult] = []
     for start in range(0, len(encoded), cfg.batch_size):
@@ -223,6 +227,7 @@ def generate(
                     "ideal_speedup": model.n_layers / mean if mean else 1.0,
                     "exit": ex.strategy,
                     "weights": getattr(model.net, "merged_with", None) or "base",
+                    "quantize": quantized(model.net) or "none",
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
                     "threshold": ex.thresh,
                     "candidate_layers": run.strategy.layers,

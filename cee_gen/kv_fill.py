@@ -24,6 +24,7 @@ import torch
 
 from cee_gen import ops
 from cee_gen.model import Step, Transformer, rows_slots
+from cee_gen.quant import dense_weight
 
 MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
 FILL_MODES = MODES[:3]  # the modes this module fills; recompute is the engine's
@@ -34,7 +35,8 @@ class KVFiller:
         a = net.args
         self.net, self.kv = net, a.n_kv_heads * a.head_dim
         q = a.n_heads * a.head_dim
-        w = torch.stack([blk.attention.wqkv.weight[q:] for blk in net.layers])  # (L, 2kv, D)
+        dt = net.tok_embeddings.weight.dtype
+        w = torch.stack([dense_weight(blk.attention.wqkv, dt)[q:] for blk in net.layers])  # (L, 2kv, D)
         g = torch.stack([blk.attention_norm.weight for blk in net.layers])  # (L, D)
         self.w_raw = w
         self.w_folded = w * g[:, None, :]  # (L, 2kv, D): RMSNorm weight folded in

@@ -18,6 +18,7 @@ import torch
 from cee_gen.config import LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
+from cee_gen.quant import quantize_
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -215,9 +216,11 @@ def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: to
 
 
 def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
-               device: str = "auto") -> Model:
-    """Load a model: None = the embedded default model (SmolLM2-135M-Instruct)."""
-    LoadConfig(model=name_or_path, dtype=dtype, device=device).validate()
+               device: str = "auto", quantize: str = "none") -> Model:
+    """Load a model: None = the embedded default model (SmolLM2-135M-Instruct).
+
+    quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (cee_gen/quant.py)."""
+    LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize).validate()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = resolve_checkpoint(name_or_path)
@@ -235,6 +238,7 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
         raise ModelLoadError(f"cannot load the tokenizer from {path} ({one_line(e)}): the folder needs "
                              "tokenizer.json or tokenizer.model") from None
     net = build_transformer(args, _read_state_dict(path), dt, dev)
+    quantize_(net, quantize)
 
     eos = _eos_ids(path, hf_cfg, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]

@@ -102,7 +102,11 @@ class LoRA(nn.Module):
         Records on the model what it now carries (`merged_with`, e.g. the heads file) and the base
         weights' probe from before (`base_probe`), which heads files keep matching against."""
         from cee_gen.exits.heads import weight_probe
+        from cee_gen.quant import quantized
 
+        if quantized(net):
+            raise CeeGenError(f"these heads carry LoRA deltas, which cannot be merged into {quantized(net)} "
+                              "weights: load the model with quantize none, or use heads without LoRA")
         if getattr(net, "merged_with", None) is not None:
             raise CeeGenError(f"this model already carries the LoRA deltas of {net.merged_with}: load "
                               "the base model again to use others")

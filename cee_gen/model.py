@@ -164,7 +164,7 @@ def linear(x: torch.Tensor, mod: nn.Linear, gemv: bool) -> torch.Tensor:
     Inductor turns `(x * W).sum(-1)` into one fused vectorized pass over W that runs at ~23 GB/s
     (README, "Speed"). Only for compiled code: eager would materialize x * W.
     """
-    if not gemv:
+    if not gemv or type(mod) is not nn.Linear:  # bitsandbytes modules (quant.py) compute their own
         return mod(x)
     y = (x.unsqueeze(-2) * mod.weight).sum(-1)  # (..., 1, K) * (N, K) -> (..., N)
     return y if mod.bias is None else y + mod.bias
