@@ -274,6 +274,9 @@ class TrainConfig:
                         "simulated exit layer)", choices=WEIGHTINGS)
     cosee_beta: float = _f(10.0, "cosee: final sharpness beta of the weights (ramped up from 0)")
     cosee_thresholds: int = _f(5, "cosee: random entropy thresholds per step")
+    cosee_osc: float = _f(0.1, "cosee: weight of COSEE's online signal calibration loss (a hinge that "
+                          "makes right predictions surer than wrong ones by the margin); 0: off")
+    cosee_margin: float = _f(0.3, "cosee: the calibration loss's margin in normalized entropy")
     policy_examples: int | None = _f(None, "stages 2 and 3: training rows used (the first ones; default "
                                      "all of them)")
     init: str | None = _f(None, "start from this heads file (its LoRA, adapters and policies; same "
@@ -345,7 +348,8 @@ class TrainConfig:
             bad(f"cosee_thresholds must be a positive integer, got {self.cosee_thresholds!r}")
         if not isinstance(self.policy_init_p, (int, float)) or not 0 < self.policy_init_p < 1:
             bad(f"policy_init_p must be in (0, 1), got {self.policy_init_p!r}")
-        for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha", "lr_lora", "lora_alpha", "cosee_beta"):
+        for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha", "lr_lora", "lora_alpha", "cosee_beta",
+                     "cosee_osc", "cosee_margin"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
                 bad(f"{name} must be a finite number >= 0, got {v!r}")

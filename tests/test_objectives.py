@@ -123,3 +123,18 @@ def test_cosee_weights_follow_each_tokens_simulated_exit():
     w = ob.cosee_weights(signal, layers, torch.tensor([0.5, 0.05]), beta=50.0)  # two thresholds, averaged
     assert w[:, 0].tolist() == pytest.approx([0.5, 0, 0.5], abs=1e-6)  # tau 0.05: token 0 exits at L
     torch.testing.assert_close(w.sum(0), torch.ones(3))
+
+
+def test_osc_hinge_on_hand_made_signals_skips_one_sided_layers_and_pushes_right_surer():
+    # layer 0: right tokens mean 0.6, wrong 0.2 -> 0.6 - 0.2 + 0.3 = 0.7; layer 1: right 0.1, wrong
+    # 0.9 -> already separated by more than the margin -> 0; layer 2: all right -> not counted
+    signal = torch.tensor([[0.6, 0.6, 0.2, 0.2], [0.1, 0.1, 0.9, 0.9], [0.5, 0.5, 0.5, 0.5]],
+                          requires_grad=True)
+    right = torch.tensor([[True, True, False, False], [True, True, False, False], [True] * 4])
+    loss = ob.osc_loss(signal, right, margin=0.3)
+    assert loss.item() == pytest.approx(0.7 / 2)
+    loss.backward()
+    g = signal.grad
+    assert (g[0, :2] > 0).all() and (g[0, 2:] < 0).all()  # descent lowers right's entropy, raises wrong's
+    assert (g[1:] == 0).all()
+    assert ob.osc_loss(signal.detach()[2:], right[2:], 0.3).item() == 0  # no layer has both kinds

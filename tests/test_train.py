@@ -46,6 +46,8 @@ def test_three_stages_run_losses_fall_and_the_heads_drive_the_policy_strategy(se
     recs = [json.loads(x) for x in (setup / "h.safetensors.metrics.jsonl").read_text().splitlines()]
     s1 = [r["loss"] for r in recs if r["stage"] == 1]
     assert s1 and sum(s1[-3:]) / 3 < sum(s1[:3]) / 3  # stage 1 learns
+    osc = [r["osc"] for r in recs if r["stage"] == 1 and "osc" in r]
+    assert (len(osc) == len(s1)) if kw.get("weighting") == "cosee" else not osc  # COSEE's calibration term
     assert any(r["stage"] == 2 for r in recs) and any(r["stage"] == 3 for r in recs)
     model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
     [r] = cee_gen.generate(model, "the quick brown", max_new_tokens=8, chat=False,

@@ -125,6 +125,22 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1) / math.log(logits.shape[-1])
 
 
+def osc_loss(signal: torch.Tensor, correct: torch.Tensor, margin: float) -> torch.Tensor:
+    """COSEE's Online Signal Calibration (methods.md §2.3) for an entropy signal (lower = surer).
+
+    signal (n, N): each classifier's normalized entropy per token, with gradients; correct (n, N):
+    whether its argmax is the target. For each classifier that has both right and wrong tokens in
+    the batch: max(0, mean(signal | right) - mean(signal | wrong) + margin), so right predictions
+    are pushed to be surer than wrong ones by the margin; the mean over those classifiers (0 if none).
+    """
+    c = correct.to(signal.dtype)
+    n_right, n_wrong = c.sum(1), (1 - c).sum(1)  # (n,)
+    both = ((n_right > 0) & (n_wrong > 0)).to(signal.dtype)  # (n,) no host sync
+    right = (signal * c).sum(1) / n_right.clamp(min=1)
+    wrong = (signal * (1 - c)).sum(1) / n_wrong.clamp(min=1)
+    return (F.relu(right - wrong + margin) * both).sum() / both.sum().clamp(min=1)
+
+
 def cosee_weights(signal: torch.Tensor, layers: list[int], taus: torch.Tensor, beta: float) -> torch.Tensor:
     """COSEE's sample weighting (methods.md §2.3), token-level: (n, N) weights, each column sums to 1.
 

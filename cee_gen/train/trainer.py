@@ -178,19 +178,30 @@ def fit_adapters(heads: ExitHeads, X: dict, ridge: float = 1e-2) -> dict[int, fl
 
 def _stage1_loss(heads, states, y, loss_layers, cfg: TrainConfig, progress: float, co, gen):
     """Weighted per-layer CE of the heads on states {layer: (N, D)}, layers[-1] = L; returns the
-    loss and the CE table (n, N). Weights: depth (l / sum l, every token alike) or COSEE's."""
+    loss, the CE table (n, N) and the OSC term (None without it). Weights: depth (l / sum l, every
+    token alike) or COSEE's, which adds its signal calibration loss (weight cosee_osc)."""
     logits = [heads.logits(x, states[x]) for x in loss_layers]  # n x (N, V)
     ce = torch.stack([F.cross_entropy(z, y, reduction="none") for z in logits])  # (n, N)
     if cfg.weighting == "depth":
         w = torch.tensor(loss_layers, dtype=ce.dtype, device=ce.device)
         w = (w / w.sum())[:, None].expand_as(ce)
-    else:
-        Z = torch.stack([ob.normalized_entropy(z.detach()) for z in logits])  # (n, N)
-        co.see(Z)
-        lo, hi = co.taus
-        taus = lo + (hi - lo) * torch.rand(cfg.cosee_thresholds, generator=gen)
-        w = ob.cosee_weights(Z, loss_layers, taus.to(Z.device), cfg.cosee_beta * progress)
-    return (w * ce).sum(0).mean(), ce
+        return (w * ce).sum(0).mean(), ce, None
+    osc = cfg.cosee_osc > 0
+    Z = torch.stack([ob.normalized_entropy(z if osc else z.detach()) for z in logits])  # (n, N)
+    co.see(Z.detach())
+    lo, hi = co.taus
+    taus = lo + (hi - lo) * torch.rand(cfg.cosee_thresholds, generator=gen)
+    w = ob.cosee_weights(Z.detach(), loss_layers, taus.to(Z.device), cfg.cosee_beta * progress)
+    loss = (w * ce).sum(0).mean()
+    if not osc:
+        return loss, ce, None
+    right = torch.stack([z.argmax(-1) == y for z in logits])  # (n, N)
+    calib = ob.osc_loss(Z, right, cfg.cosee_margin)
+    return loss + cfg.cosee_osc * calib, ce, calib
+
+
+def _osc_field(osc) -> dict:
+    return {} if osc is None else {"osc": round(osc.item(), 4)}
 
 
 class _Cosee:
@@ -222,9 +233,9 @@ def stage1(heads: ExitHeads, X, y, layers, cfg: TrainConfig, log, gen, acc: Acce
         for j, idx in enumerate(batches):
             states = {x: X[x][idx] for x in loss_layers}
             with acc.autocast():
-                loss, ce = _stage1_loss(heads, states, y[idx], loss_layers, cfg, step / total, co, gen)
+                loss, ce, osc = _stage1_loss(heads, states, y[idx], loss_layers, cfg, step / total, co, gen)
             acc.step(opt, loss, last=j == len(batches) - 1)
-            log(stage=1, epoch=epoch, step=step, loss=round(loss.item(), 4),
+            log(stage=1, epoch=epoch, step=step, loss=round(loss.item(), 4), **_osc_field(osc),
                 ce_per_layer=[round(v, 3) for v in ce.detach().mean(1).tolist()])
             step += 1
         co.next_epoch()
@@ -261,12 +272,13 @@ def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfi
                     keep = _keep_states(pick, mask, states)
                     _, h = rollout(net, tokens, pick, torch.zeros_like(mask), keep)
                     states[L] = h[mask]
-                    loss, ce = _stage1_loss(heads, states, y, loss_layers, cfg, step / total, co, gen)
+                    loss, ce, osc = _stage1_loss(heads, states, y, loss_layers, cfg, step / total, co, gen)
                 acc.step(opt, loss, last=j == len(batches) - 1)
             finally:
                 for hd in handles:
                     hd.remove()
             log(stage=1, epoch=epoch, step=step, loss=round(loss.item(), 4), layers=loss_layers,
+                **_osc_field(osc),
                 ce_per_layer=[round(v, 3) for v in ce.detach().mean(1).tolist()])
             bar.update(1, f"stage 1 loss {loss.item():.3f}")
             step += 1
