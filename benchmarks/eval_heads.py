@@ -8,7 +8,10 @@ each candidate layer's classifier for its token and reports, against the full mo
 (what an exit must reproduce) and against the gold token:
 - per-layer top-1 agreement;
 - the mean memorized layer (the first layer from which every deeper classifier is right), which
-  bounds what any exit policy can save without changing the output.
+  bounds what any exit policy can save without changing the output;
+- per layer, the AUROC of the exit signal of `entropy` (low normalized entropy) for "this
+  classifier is right": how well a threshold on it can tell safe exits from wrong ones (what COSEE's
+  signal calibration trains for).
 One JSON object per heads file appended to --out. Used to compare training targets (gold vs self).
 """
 
@@ -25,6 +28,21 @@ import torch
 from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 
 
+def _auroc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
+    """P(score of a positive > score of a negative), ties half (Mann-Whitney); None if one class is empty."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    order = score.argsort()
+    ranks = torch.empty_like(score, dtype=torch.float64)
+    ranks[order] = torch.arange(1, len(score) + 1, dtype=torch.float64)
+    for v in score[order].unique_consecutive():  # average ranks over ties
+        tie = score == v
+        if tie.sum() > 1:
+            ranks[tie] = ranks[tie].mean()
+    return round(((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item(), 4)
+
+
 @torch.no_grad()
 def evaluate(model, heads, seqs, batch_size: int = 4) -> dict:
     from cee_gen.train import objectives as ob
@@ -34,12 +52,16 @@ def evaluate(model, heads, seqs, batch_size: int = 4) -> dict:
     layers = heads.layers
     out = {}
     X, gold, own = collect_states(net, seqs, model.pad_token_id, layers, batch_size)
+    logits = {x: heads.logits(x, X[x]) for x in layers}  # (N, V) per candidate layer
+    entropy = {x: ob.normalized_entropy(z) for x, z in logits.items()}  # the signal COSEE calibrates
     for name, y in (("own", own), ("gold", gold)):
-        correct = torch.stack([heads.logits(x, X[x]).argmax(-1) == y for x in layers] + [own == y])
+        right = {x: z.argmax(-1) == y for x, z in logits.items()}
+        correct = torch.stack([right[x] for x in layers] + [own == y])
         m = ob.memorized_layer(correct, layers + [L])
         out[name] = {"agreement_per_layer": dict(zip(layers + [L], [round(v, 4) for v in
                                                                    correct.float().mean(1).tolist()])),
-                     "mean_memorized_layer": round(m.float().mean().item(), 3)}
+                     "mean_memorized_layer": round(m.float().mean().item(), 3),
+                     "entropy_auroc_per_layer": {x: _auroc(-entropy[x], right[x]) for x in layers}}
     out["positions"] = int(own.numel())
     return out
 

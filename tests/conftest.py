@@ -68,6 +68,17 @@ def make_tiny_checkpoint(path, *, n_layers=3, n_heads=4, n_kv_heads=2, tie=True,
     return hf
 
 
+def full_logits(net, tokens):
+    """Full-depth fp32 logits (B, T, V) of our Transformer on tokens (B, T), no padding."""
+    from cee_gen.cache import StaticKVCache
+
+    B, T = tokens.shape
+    cache = StaticKVCache(net.args, B, T, torch.float32, "cpu")
+    step = net.make_step(torch.arange(T), torch.zeros(B, dtype=torch.long), T, T)
+    with torch.no_grad():
+        return net(tokens, step, cache)
+
+
 def write_instruction_set(path, n: int) -> None:
     """A gzip JSON Lines instruction set (Alpaca's fields) of n rows cut from CORPUS."""
     with gzip.open(path, "wt") as f:

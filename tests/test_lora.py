@@ -3,7 +3,7 @@ them, merge them once, and refuse to mix fine-tunes."""
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import full_logits, make_tiny_checkpoint
 
 import cee_gen
 from cee_gen.cache import StaticKVCache
@@ -17,14 +17,6 @@ def fresh(tmp_path):
     make_tiny_checkpoint(tmp_path / "m", n_layers=3, seed=5)
     load = lambda: cee_gen.load_model(str(tmp_path / "m"), dtype="float32", device="cpu")  # noqa: E731
     return tmp_path, load
-
-
-def _logits(net, tokens):
-    B, T = tokens.shape
-    cache = StaticKVCache(net.args, B, T, torch.float32, "cpu")
-    step = net.make_step(torch.arange(T), torch.zeros(B, dtype=torch.long), T, T)
-    with torch.no_grad():
-        return net(tokens, step, cache)
 
 
 def _random_lora(net, targets=TARGETS, seed=0):
@@ -41,26 +33,26 @@ def test_hooked_forward_equals_merged_weights(fresh, targets):
     _, load = fresh
     net = load().net
     tokens = torch.randint(0, net.args.vocab_size, (2, 7))
-    base = _logits(net, tokens)
+    base = full_logits(net, tokens)
     lora = _random_lora(net, targets)
     handles = lora.attach(net)
-    hooked = _logits(net, tokens)
+    hooked = full_logits(net, tokens)
     for h in handles:
         h.remove()
     assert (hooked - base).abs().max() > 1e-3  # the deltas do something
-    torch.testing.assert_close(_logits(net, tokens), base)  # removing the hooks restores the base
+    torch.testing.assert_close(full_logits(net, tokens), base)  # removing the hooks restores the base
     lora.merge(net, "test")
-    torch.testing.assert_close(_logits(net, tokens), hooked, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(full_logits(net, tokens), hooked, atol=1e-4, rtol=1e-4)
 
 
 def test_new_lora_is_the_base_model_and_only_its_factors_get_gradients(fresh):
     _, load = fresh
     net = load().net.requires_grad_(False)
     tokens = torch.randint(0, net.args.vocab_size, (1, 5))
-    base = _logits(net, tokens)
+    base = full_logits(net, tokens)
     lora = LoRA(net.args, 4, ["q", "v"])
     handles = lora.attach(net)
-    torch.testing.assert_close(_logits(net, tokens), base)
+    torch.testing.assert_close(full_logits(net, tokens), base)
     B, T = tokens.shape
     cache = StaticKVCache(net.args, B, T, torch.float32, "cpu")
     step = net.make_step(torch.arange(T), torch.zeros(1, dtype=torch.long), T, T)
@@ -78,7 +70,7 @@ def test_heads_file_carries_lora_and_merges_it_once_at_load(fresh):
     lora = _random_lora(model.net, ["q", "v", "down"])
     heads = ExitHeads(model.net, [1, 2], adapter_rank=2, policy="linear", lora=lora)
     handles = lora.attach(model.net)
-    want = _logits(model.net, tokens)
+    want = full_logits(model.net, tokens)
     for h in handles:
         h.remove()
     path = heads.save(tmp / "h.safetensors", base_name="tiny")
@@ -86,13 +78,14 @@ def test_heads_file_carries_lora_and_merges_it_once_at_load(fresh):
     fresh_model = load()
     loaded = load_heads(path, fresh_model.net)
     assert loaded.lora.targets == ["q", "v", "down"]
-    torch.testing.assert_close(_logits(fresh_model.net, tokens), want, atol=2e-3, rtol=2e-3)  # fp16 factors
+    got = full_logits(fresh_model.net, tokens)
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp16 factors
     # through the API: loaded once per model, merged once, the fine-tuned model at full depth
     api_model = load()
     for _ in range(2):
         cee_gen.generate(api_model, "the quick", max_new_tokens=2, chat=False,
                          exit=cee_gen.ExitConfig(strategy="full", heads=str(path)))
-    torch.testing.assert_close(_logits(api_model.net, tokens), want, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(full_logits(api_model.net, tokens), want, atol=2e-3, rtol=2e-3)
 
 
 def test_heads_of_another_fine_tune_are_refused_on_a_merged_model(fresh):

@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import full_logits, make_tiny_checkpoint
 
 import cee_gen
 from cee_gen.cache import StaticKVCache
@@ -39,14 +39,6 @@ def qmodel(request, ckpt):
     return request.param, cee_gen.load_model(ckpt, dtype="float32", device="cpu", quantize=request.param)
 
 
-def _logits(net, tokens):
-    B, T = tokens.shape
-    cache = StaticKVCache(net.args, B, T, torch.float32, "cpu")
-    step = net.make_step(torch.arange(T), torch.zeros(B, dtype=torch.long), T, T)
-    with torch.no_grad():
-        return net(tokens, step, cache)
-
-
 def test_quantized_model_computes_with_its_dequantized_weights_and_stays_near_the_original(qmodel, ckpt):
     """The quantized forward equals the original model with each projection's weight replaced by its
     dequantized weight (so the wiring is right), and differs from the original by quantization only."""
@@ -64,7 +56,7 @@ def test_quantized_model_computes_with_its_dequantized_weights_and_stays_near_th
             getattr(getattr(db, part), name).weight.copy_(dense_weight(qm, torch.float32))
     assert type(model.net.output) is torch.nn.Linear  # the LM head stays in the model dtype
     tokens = torch.randint(0, model.args.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
-    q, d, f = _logits(model.net, tokens), _logits(dense.net, tokens), _logits(full.net, tokens)
+    q, d, f = full_logits(model.net, tokens), full_logits(dense.net, tokens), full_logits(full.net, tokens)
     torch.testing.assert_close(q, d, atol=1e-4, rtol=1e-4)
     cos = torch.nn.functional.cosine_similarity(q.flatten(0, 1), f.flatten(0, 1), dim=-1).mean()
     assert not torch.equal(q, f) and cos > (0.99 if mode == "8bit" else 0.8), cos  # toy model: NF4 is coarse
