@@ -242,6 +242,18 @@ def test_without_the_extension_cpu_ops_run_the_twin():
     assert all(torch.equal(a, b) for a, b in zip(case["k_cache"], twin["k_cache"]))
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="checks the CPU build of torch")
+def test_jit_build_on_a_cpu_torch_warns_once_and_the_twins_serve(monkeypatch):
+    monkeypatch.setenv("CEE_GEN_JIT", "1")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_loaded", None)
+    with pytest.warns(UserWarning, match="CEE_GEN_JIT=1 but the CUDA extension did not build.*CPU build"):
+        assert native.load() is None
+    assert native.load() is None  # tried once per process
+    with pytest.raises(RuntimeError, match="CPU build"):
+        native.jit_build(verbose=False)
+
+
 # ---- GPU: the kernels against their twins ------------------------------------------------------
 
 # Shapes: (N entries, L, B, H_kv, S, hd, D). GQA/MHA, head sizes 64, 80, 128, a D that is not a
