@@ -12,7 +12,8 @@ split, the settings in --replay), scaled to this model's depth; every record say
 
 Records (one JSON object per line, appended to --out, with machine, versions and commit):
 - `bandwidth`: device memory bandwidth, read (a large sum) and copy (read + write), median of repeats.
-- `decode`: full-depth batch-1 greedy decode through the engine, eager and torch.compile'd: tok/s,
+- `decode`: full-depth batch-1 greedy decode through the engine, eager and torch.compile'd (modes
+  default and reduce-overhead, the CUDA-graph one): tok/s,
   weight GB/s (weight bytes per token x tok/s) and its fraction of the measured read bandwidth.
 - `kv_fill`: one exited token's fill of layers [L/2, L) (and 4 tokens'), through the op (the CUDA
   kernel when built; else the twin, and the record says `kernel: false`) and through the twin:
@@ -126,12 +127,13 @@ def replayed_depths(settings: list[str], L: int, n: int, journal: Path) -> dict[
     return out
 
 
-def decode_tokens_s(net, compile: bool, prompt: int, new: int, repeats: int) -> tuple[float, float]:
+def decode_tokens_s(net, compile: bool, mode: str, prompt: int, new: int,
+                    repeats: int) -> tuple[float, float]:
     """(tok/s of decode, compile seconds) for a full-depth greedy run through the engine."""
     from cee_gen.config import GenerationConfig
     from cee_gen.engine import Decoder, generate_batch
 
-    dec = Decoder(net, compile=compile)
+    dec = Decoder(net, compile=compile, mode=mode)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, net.args.vocab_size, (prompt,), generator=gen).tolist()
     cfg = GenerationConfig(max_new_tokens=new)
@@ -223,7 +225,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd full-depth decode")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the torch.compile'd full-depth decode, modes default and reduce-overhead")
     ap.add_argument("--replay", default="policy t=0.15,policy t=0.08,confidence t=0.9",
                     help="cee-bench settings whose recorded exit layers to replay (comma-separated)")
     ap.add_argument("--journal", type=Path, default=RESULTS / "bench_cpu.rows.jsonl")
@@ -244,10 +247,12 @@ def main(argv=None) -> None:
               "repeats": args.repeats, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     recs = [{**common, **bandwidth(dev, clock, args.repeats, args.bandwidth_mb << 20)}]
     bw = recs[0]["read_gbs"]
-    for compiled in (False, True) if args.compile else (False,):
-        tok_s, comp = decode_tokens_s(net, compiled, args.prompt_tokens, args.new_tokens, args.repeats)
+    modes = [(False, "default")] + ([(True, "default"), (True, "reduce-overhead")] if args.compile else [])
+    for compiled, mode in modes:
+        tok_s, comp = decode_tokens_s(net, compiled, mode, args.prompt_tokens, args.new_tokens, args.repeats)
         gbs = wbytes * tok_s / 1e9
-        recs.append({**common, "kind": "decode", "compiled": compiled, "prompt_tokens": args.prompt_tokens,
+        recs.append({**common, "kind": "decode", "compiled": compiled,
+                     "compile_mode": mode if compiled else None, "prompt_tokens": args.prompt_tokens,
                      "new_tokens": args.new_tokens, "weight_bytes_per_token": wbytes,
                      "tok_s": round(tok_s, 2), "weight_gbs": round(gbs, 1),
                      "fraction_of_roofline": round(gbs / bw, 3), "compile_s": round(comp, 1)})

@@ -15,6 +15,7 @@ from cee_gen.errors import CeeGenError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "8bit", "4bit")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patience", "saturation", "hash",
                    "cascade")
 KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
@@ -64,6 +65,9 @@ class GenerationConfig:
     stop: list[str] | None = _f(None, "stop when the output contains any of these strings", repeat=True)
     batch_size: int = _f(8, "prompts decoded together (left-padded; output equals one-by-one)")
     compile: bool = _f(False, "torch.compile the decode step (pays a one-time compile per process)")
+    compile_mode: str = _f("default", "torch.compile mode of the decode step: default, reduce-overhead "
+                           "(CUDA graphs on a GPU; the KV cache is marked static for them), max-autotune",
+                           choices=COMPILE_MODES)
 
     def validate(self) -> GenerationConfig:
         def bad(msg):
@@ -71,6 +75,8 @@ class GenerationConfig:
 
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            bad(f"unknown compile_mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):

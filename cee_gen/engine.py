@@ -127,9 +127,12 @@ def _append_queries(h: torch.Tensor, slots: torch.Tensor, joins: list[list], scr
 class Decoder:
     """Owns the (optionally compiled) decode step for one model."""
 
-    def __init__(self, net: Transformer, compile: bool = False):
+    def __init__(self, net: Transformer, compile: bool = False, mode: str = "default"):
         self.net = net
         self.compiled = compile
+        # reduce-overhead: CUDA graphs (on a GPU). They replay into fixed buffers, so the KV cache
+        # tensors, which the step writes, are marked static (new_cache) and the logits are copied out.
+        self.graphs = compile and mode == "reduce-overhead"
         self.compile_s = 0.0
         self._warm_shapes: set = set()
         self._step = _decode_step
@@ -140,7 +143,7 @@ class Decoder:
             ic.fx_graph_cache = True  # on-disk cache: later processes skip most of the compile
             # One graph for every cache length (new_cache marks the slot dimension dynamic):
             # compile is paid once per process and batch size, not once per prompt length.
-            self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None)
+            self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
              depth: int | None = None, kv_fill: str = "propagate"):
@@ -157,7 +160,11 @@ class Decoder:
         key = (tuple(tok.shape), depth, kv_fill)
         first = self.compiled and key not in self._warm_shapes
         t0 = time.perf_counter()
+        if self.graphs:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be reused
         out = self._step(self.net, cache, tok, input_pos, pad, kv_len, self.compiled, depth, filler, kv_fill)
+        if self.graphs:
+            out = out.clone()  # the graph's output buffer is overwritten by the next replay
         if first:  # this call traced and compiled a graph
             self.compile_s += time.perf_counter() - t0
             self._warm_shapes.add(key)
@@ -307,6 +314,8 @@ class Decoder:
         if self.compiled:  # one graph for every cache length: mark the slot dimension dynamic
             for t in cache.k + cache.v:
                 torch._dynamo.mark_dynamic(t, 2)
+                if self.graphs:
+                    torch._dynamo.mark_static_address(t)
         return cache
 
 

@@ -49,10 +49,11 @@ def encode_prompt(model: Model, prompt: str, chat: bool | None) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
-def _decoder(model: Model, compile: bool) -> Decoder:
-    dec = model.decoders.get(compile)
+def _decoder(model: Model, compile: bool, mode: str = "default") -> Decoder:
+    key = (compile, mode if compile else None)
+    dec = model.decoders.get(key)
     if dec is None:
-        dec = model.decoders[compile] = Decoder(model.net, compile=compile)
+        dec = model.decoders[key] = Decoder(model.net, compile=compile, mode=mode)
     return dec
 
 
@@ -195,7 +196,7 @@ def generate(
     if cfg.compile and quantized(model.net):
         raise CeeGenError(f"compile does not support {quantized(model.net)} (bitsandbytes) weights: drop "
                           "--compile or load with quantize none")
-    decoder = _decoder(model, cfg.compile)
+    decoder = _decoder(model, cfg.compile, cfg.compile_mode)
     results: list[GenerationResult] = []
     for start in range(0, len(encoded), cfg.batch_size):
         batch = encoded[start:start + cfg.batch_size]

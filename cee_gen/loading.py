@@ -35,7 +35,7 @@ class Model:
     eos_token_ids: list[int]
     pad_token_id: int
     meta: dict = field(default_factory=dict)
-    decoders: dict = field(default_factory=dict, repr=False)  # compile flag -> engine.Decoder
+    decoders: dict = field(default_factory=dict, repr=False)  # (compile, mode) -> engine.Decoder
     exit_heads: dict = field(default_factory=dict, repr=False)  # heads path (None: logit lens) -> ExitHeads
     cascade_models: dict = field(default_factory=dict, repr=False)  # path -> small Model (cascade)
 

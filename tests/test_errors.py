@@ -16,6 +16,7 @@ from cee_gen.errors import CeeGenError, ModelLoadError
     (dict(top_k=-3), "top_k"),
     (dict(repetition_penalty=0.0), "repetition_penalty"),
     (dict(batch_size=0), "batch_size"),
+    (dict(compile_mode="fast"), "compile_mode"),
     (dict(stop="x"), "stop"),
     (dict(no_such_option=1), "unknown generation option"),
 ])

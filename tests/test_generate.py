@@ -167,12 +167,17 @@ def test_default_model_batch_equals_one_by_one(default_model):
     assert [r.token_ids for r in many] == [r.token_ids for r in one]
 
 
-def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model):
-    """The compiled step (matmuls as fused multiply-sums) changes summation order, not results."""
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model, mode):
+    """The compiled step (matmuls as fused multiply-sums) changes summation order, not results.
+    reduce-overhead takes its CUDA-graph path (static cache, step marks, copied logits) on the CPU
+    too, where torch records no graphs: this checks that path's plumbing; a GPU run its graphs."""
     eager = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16, batch_size=2)
-    compiled = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16, batch_size=2, compile=True)
+    compiled = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16, batch_size=2, compile=True,
+                                compile_mode=mode)
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
     assert compiled[0].stats["compile_s"] > 0  # the first call really compiled
+    assert tiny_model.decoders[(True, mode)].graphs == (mode == "reduce-overhead")
 
 
 def test_linear_as_multiply_sum_matches_nn_linear():
