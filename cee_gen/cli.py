@@ -72,13 +72,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def config_parser(prog: str, description: str, examples: str, *configs) -> _Parser:
+    """A parser with one flag per field of each config dataclass, and the examples as its epilog."""
+    p = _Parser(prog=prog, description=description, epilog=examples,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in configs:
+        _add_dataclass_flags(p, cls)
+    return p
+
+
+def config_from(args: argparse.Namespace, cls):
+    """The config dataclass `cls` made from the parsed flags of its fields (not yet validated)."""
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
-        prog="cee-generate",
-        description="Generate text with a LLaMA-family model (cee-gen early-exit engine).",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = config_parser("cee-generate", "Generate text with a LLaMA-family model (cee-gen early-exit engine).",
+                      EXAMPLES)
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompt text; '-' reads stdin")
     p.add_argument("--input", type=Path, help="JSON Lines file, one {\"prompt\": ...} per line")
     p.add_argument("--output", type=Path, help="write JSON Lines results here (atomically)")
@@ -88,9 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-exits", action="store_true",
                    help="colour each generated token by the layer it exited at, and print a histogram "
                         "of exit layers (to stderr)")
-    _add_dataclass_flags(p, LoadConfig)
-    _add_dataclass_flags(p, GenerationConfig)
-    _add_dataclass_flags(p, ExitConfig)
+    for cls in (LoadConfig, GenerationConfig, ExitConfig):  # after its own flags, as its usage lists them
+        _add_dataclass_flags(p, cls)
     return p
 
 
@@ -131,10 +140,9 @@ def _write_atomic(path: Path, lines: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    gen_kwargs = {f.name: getattr(args, f.name) for f in fields(GenerationConfig)}
-    load = LoadConfig(**{f.name: getattr(args, f.name) for f in fields(LoadConfig)}).validate()
-    gen = GenerationConfig(**gen_kwargs).validate()  # bad numbers fail before the model loads
-    ex = ExitConfig(**{f.name: getattr(args, f.name) for f in fields(ExitConfig)}).validate()
+    load = config_from(args, LoadConfig).validate()
+    gen = config_from(args, GenerationConfig).validate()  # bad numbers fail before the model loads
+    ex = config_from(args, ExitConfig).validate()
     if args.output is not None and not args.output.expanduser().parent.is_dir():
         raise CeeGenError(f"cannot write --output {args.output}: its folder does not exist")
     rows = _read_prompts(args)

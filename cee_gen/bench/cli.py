@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-from cee_gen.cli import _add_dataclass_flags, _Parser, exit_with
+from cee_gen.cli import config_from, config_parser, exit_with
 from cee_gen.config import BenchConfig
 
 EXAMPLES = """\
@@ -19,23 +17,14 @@ An interrupted run continues where it stopped when started again with the same -
 
 
 def build_parser():
-    import argparse
-
-    p = _Parser(
-        prog="cee-bench",
-        description="ROUGE and speed-up of every exit strategy on Alpaca, Dolly "
-        "and CNN/DM, with baselines and threshold calibration.",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    _add_dataclass_flags(p, BenchConfig)
-    return p
+    return config_parser("cee-bench", "ROUGE and speed-up of every exit strategy on Alpaca, Dolly and "
+                         "CNN/DM, with baselines and threshold calibration.", EXAMPLES, BenchConfig)
 
 
 def main(argv: list[str] | None = None) -> None:
     def body() -> int:
         args = build_parser().parse_args(argv)
-        cfg = BenchConfig(**{f.name: getattr(args, f.name) for f in fields(BenchConfig)}).resolved()
+        cfg = config_from(args, BenchConfig).resolved()
         from cee_gen.bench.suite import run
 
         run(cfg)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
-
-from cee_gen.cli import _add_dataclass_flags, _Parser, exit_with
+from cee_gen.cli import config_from, config_parser, exit_with
 from cee_gen.config import TrainConfig
 
 EXAMPLES = """\
@@ -17,18 +15,14 @@ examples:
 
 
 def build_parser():
-    import argparse
-
-    p = _Parser(prog="cee-train", description="Train exit heads and a ConsistentEE policy for a model.",
-                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_dataclass_flags(p, TrainConfig)
-    return p
+    return config_parser("cee-train", "Train exit heads and a ConsistentEE policy for a model.", EXAMPLES,
+                         TrainConfig)
 
 
 def main(argv: list[str] | None = None) -> None:
     def body() -> int:
         args = build_parser().parse_args(argv)
-        cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)}).validate()
+        cfg = config_from(args, TrainConfig).validate()
         from cee_gen.train.trainer import train
 
         train(cfg)
