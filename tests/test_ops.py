@@ -353,15 +353,20 @@ def test_kv_fill_kernel_is_captured_by_a_cuda_graph():
     assert all(torch.equal(a, b) for a, b in zip(eager["k_cache"], graphed["k_cache"]))
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device: none here")
 def test_twin_on_cuda_without_the_extension_says_so_once(monkeypatch):
+    """The notice reads only the tensor's device: a stand-in for a CUDA tensor tests it anywhere."""
+    from types import SimpleNamespace
+
     monkeypatch.setattr(native, "_noticed", False)
     monkeypatch.setattr(native, "available", lambda: False)
-    t = torch.zeros(1, device="cuda")
+    t = SimpleNamespace(is_cuda=True)
     with pytest.warns(UserWarning, match="not built"):
         native.notice_if_twin(t)
-    native.notice_if_twin(t)  # second call: silent (pytest.warns would not catch a second one here)
-    assert native._noticed
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second notice would raise here
+        native.notice_if_twin(t)
 
 
 if __name__ == "__main__":
