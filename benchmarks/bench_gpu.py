@@ -20,6 +20,7 @@ Records (one JSON object per line, appended to --out, with machine, versions and
   time, GB/s of the bytes it must move (skipped layers' K/V weights + cache writes), ratio.
 - `early_exit`: the decode step at replayed per-token depths and at static k = L/2, against full
   depth in the same loop: measured speed-up beside the ideal L / mean layers.
+Every record names the attention kernel (`--attention`: flash-attn when installed, else SDPA).
 Timing: CUDA events around each measured region after a warm-up, medians over --repeats.
 """
 
@@ -40,6 +41,7 @@ from bench_decode import weight_bytes_per_token  # noqa: E402
 from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 from cee_gen.cache import cache_slots  # noqa: E402
 from cee_gen.model import ModelArgs, Transformer, rope_tables  # noqa: E402
+from cee_gen.ops import flash  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 SHAPES = {
@@ -231,6 +233,8 @@ def main(argv=None) -> None:
                     help="cee-bench settings whose recorded exit layers to replay (comma-separated)")
     ap.add_argument("--journal", type=Path, default=RESULTS / "bench_cpu.rows.jsonl")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)
+    ap.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flash"],
+                    help="attention kernel (auto: flash-attn when installed, else SDPA)")
     ap.add_argument("--out", type=Path, default=None, help="default: results/gpu_<shape>.jsonl")
     args = ap.parse_args(argv)
     dev = torch.device(args.device)
@@ -240,10 +244,12 @@ def main(argv=None) -> None:
     a, dtype = SHAPES[args.shape], getattr(torch, args.dtype)
     clock = Clock(dev)
     net = random_model(a, dtype, dev)
+    net.attn_impl = flash.choose(args.attention, dev, dtype, a.head_dim)
     wbytes = weight_bytes_per_token(net)
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(),
               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
               "shape": args.shape, "weights": "random (real shapes)", "dtype": args.dtype, "batch": 1,
+              "attention": net.attn_impl,
               "repeats": args.repeats, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     recs = [{**common, **bandwidth(dev, clock, args.repeats, args.bandwidth_mb << 20)}]
     bw = recs[0]["read_gbs"]

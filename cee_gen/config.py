@@ -15,6 +15,7 @@ from cee_gen.errors import CeeGenError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "8bit", "4bit")
+ATTENTION = ("auto", "sdpa", "flash")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patience", "saturation", "hash",
                    "cascade")
@@ -41,12 +42,17 @@ class LoadConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     quantize: str = _f("none", "weights of the decoder layers through bitsandbytes: none, 8bit (LLM.int8) "
                        "or 4bit (NF4)", choices=QUANTIZE)
+    attention: str = _f("auto", "attention kernel: auto (flash-attn when it can serve: CUDA, fp16/bf16, "
+                        "flash-attn >= 2.6 installed; else SDPA), sdpa, or flash (an error when it cannot)",
+                        choices=ATTENTION)
 
     def validate(self) -> LoadConfig:
         if self.dtype not in DTYPES:
             raise CeeGenError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.quantize not in QUANTIZE:
             raise CeeGenError(f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
+        if self.attention not in ATTENTION:
+            raise CeeGenError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTION)}")
         return self
 
 

@@ -229,6 +229,7 @@ def generate(
                     "exit": ex.strategy,
                     "weights": getattr(model.net, "merged_with", None) or "base",
                     "quantize": quantized(model.net) or "none",
+                    "attention": model.net.attn_impl,
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
                     "threshold": ex.thresh,
                     "candidate_layers": run.strategy.layers,

@@ -18,6 +18,7 @@ import torch
 from cee_gen.config import LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
+from cee_gen.ops import flash
 from cee_gen.quant import quantize_
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -209,18 +210,20 @@ def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: to
     if args.tie_word_embeddings:
         net.output.weight = net.tok_embeddings.weight
     # RoPE tables are not in the checkpoint: recompute them for real (they were built on meta).
-    from cee_gen.model import rope_tables
+    from cee_gen.rope import rope_tables
 
     net.rope_cos, net.rope_sin = rope_tables(args, args.max_position_embeddings)
     return net.to(device).eval().requires_grad_(False)
 
 
 def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
-               device: str = "auto", quantize: str = "none") -> Model:
+               device: str = "auto", quantize: str = "none", attention: str = "auto") -> Model:
     """Load a model: None = the embedded default model (SmolLM2-135M-Instruct).
 
-    quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (cee_gen/quant.py)."""
-    LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize).validate()
+    quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (cee_gen/quant.py).
+    attention auto / sdpa / flash: the attention kernel (cee_gen/ops/flash.py)."""
+    LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize,
+               attention=attention).validate()
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     path = resolve_checkpoint(name_or_path)
@@ -232,6 +235,7 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     except Exception as e:
         raise ModelLoadError(f"cannot read {path / 'config.json'} ({one_line(e)})") from None
     args = ModelArgs.from_hf_config(hf_cfg)
+    attn = flash.choose(attention, dev, dt, args.head_dim)  # before the weights: a refusal is quick
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
@@ -239,6 +243,7 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
                              "tokenizer.json or tokenizer.model") from None
     net = build_transformer(args, _read_state_dict(path), dt, dev)
     quantize_(net, quantize)
+    net.attn_impl = attn
 
     eos = _eos_ids(path, hf_cfg, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]

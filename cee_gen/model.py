@@ -13,14 +13,15 @@ fp32, rotate-half RoPE layout), which tests/test_model_parity.py checks.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cee_gen import ops
 from cee_gen.errors import CeeGenError
+from cee_gen.rope import apply_rope, rope_inv_freq, rope_tables  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -72,41 +73,6 @@ class ModelArgs:
         )
 
 
-def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), with linear or llama3 scaling as the HF config says."""
-    d = args.head_dim
-    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
-    s = args.rope_scaling
-    if s is None:
-        return inv.float()
-    kind = s.get("rope_type", s.get("type"))
-    if kind == "linear":
-        return (inv / s["factor"]).float()
-    # llama3 (Llama 3.1): long wavelengths scaled by `factor`, short kept, smooth blend between.
-    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_ctx = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv
-    scaled = torch.where(wavelen > old_ctx / lo, inv / factor, inv)
-    smooth = (old_ctx / wavelen - lo) / (hi - lo)
-    mid = (1 - smooth) * scaled / factor + smooth * scaled
-    is_mid = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
-    return torch.where(is_mid, mid, scaled).float()
-
-
-def rope_tables(args: ModelArgs, n_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables (n_pos, head_dim) in fp32, rotate-half layout (HF convention)."""
-    t = torch.arange(n_pos, dtype=torch.float32)
-    freqs = torch.outer(t, rope_inv_freq(args))  # (n_pos, hd/2)
-    emb = torch.cat((freqs, freqs), dim=-1)  # (n_pos, hd)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, H, hd); cos/sin: (B, T, 1, hd), already in x's dtype
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
 @dataclass
 class Step:
     """What every layer of one forward step shares, computed once per step (not once per layer).
@@ -115,21 +81,30 @@ class Step:
     the whole cache batch (`rows` None), so K/V are written with one `index_copy_`. The early-exit
     one: a subset of the cache's rows runs (`rows` (b,), the rows still going deeper) and each row
     may write its own slots (`input_pos` (b, T): `recompute` adds the row's pending positions).
+
+    Attention is SDPA over `mask`, or flash-attn (ops/flash.py) when `seqlens` is set: then each
+    row's queries are the slots up to seqlens - 1 and it attends from slot `leftpad` on.
     """
 
     input_pos: torch.Tensor  # (T,) cache slots written by this step, or (b, T) per row
     cos: torch.Tensor  # (b, T, 1, hd)
     sin: torch.Tensor  # (b, T, 1, hd)
-    mask: torch.Tensor  # (b, 1, T, S) bool: which cache slots each query may attend to
+    mask: torch.Tensor | None  # (b, 1, T, S) bool: which cache slots each query may attend to (SDPA)
     kv_len: int | None  # attend to cache slots [0, kv_len); None = the whole cache
     gemv: bool = False  # compiled decode: matmuls as fused multiply-sum (see `linear`)
     rows: torch.Tensor | None = None  # (b,) cache rows these queries belong to; None = all, in order
+    seqlens: torch.Tensor | None = None  # flash: (b,) int32, one past each row's last query slot
+    leftpad: torch.Tensor | None = None  # flash: (b,) int32, each row's first real slot
+    batch_idx: torch.Tensor | None = None  # flash: `rows` as int32 (None = all rows)
 
     def select(self, idx: torch.Tensor) -> Step:
         """The same step for a subset `idx` (b',) of its rows (e.g. the rows that did not exit)."""
         ip = self.input_pos[idx] if self.input_pos.dim() == 2 else self.input_pos
         rows = idx if self.rows is None else self.rows[idx]
-        return Step(ip, self.cos[idx], self.sin[idx], self.mask[idx], self.kv_len, self.gemv, rows)
+        if self.seqlens is None:
+            return Step(ip, self.cos[idx], self.sin[idx], self.mask[idx], self.kv_len, self.gemv, rows)
+        return Step(ip, self.cos[idx], self.sin[idx], None, self.kv_len, self.gemv, rows,
+                    self.seqlens[idx], self.leftpad[idx], rows.to(torch.int32))
 
 
 def rows_slots(step: Step, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +175,10 @@ class Attention(nn.Module):
         # caches: (B, H_kv, S, hd), written by slot index, never grown with torch.cat
         cache_write(k_cache, k, step)
         cache_write(v_cache, v, step)
+        if step.seqlens is not None:  # flash-attn reads the cache as (B, S, H_kv, hd): a transposed view
+            y = ops.attn_kvcache(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), step.seqlens,
+                                 step.leftpad, step.batch_idx)  # (B, T, H, hd)
+            return linear(y.reshape(B, T, self.q_size), self.wo, step.gemv)
         kc, vc = cache_read(k_cache, step), cache_read(v_cache, step)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, H, T, hd)
@@ -249,6 +228,7 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(a, a.max_position_embeddings)
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, hd) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.attn_impl = "sdpa"  # or "flash" (ops/flash.py), set by the loader
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
@@ -270,12 +250,21 @@ class Transformer(nn.Module):
         Rows are left-padded: row b's real tokens start at slot pad[b] (B,), so its RoPE position is
         slot - pad[b] and it may attend to slots pad[b]..slot. A padding query attends to itself
         only, which keeps its (unused) values finite. `rows` (B,): which cache rows these are.
+        A 1-D input_pos is one run of slots (prefill: 0..T-1; decode: the new token's slot). With
+        flash attention such a step carries seqlens and leftpad instead of the mask, and a padding
+        query attends to nothing (zeros): its values are never read by a real token either way.
         """
         ip = input_pos if input_pos.dim() == 2 else input_pos[None, :]  # (B or 1, T)
         pos = (ip - pad[:, None]).clamp_(0, self.rope_cos.shape[0] - 1)  # (B, T)
         dt = self.tok_embeddings.weight.dtype
         cos = self.rope_cos[pos].to(dt)[:, :, None, :]  # (B, T, 1, hd)
         sin = self.rope_sin[pos].to(dt)[:, :, None, :]
+        if self.attn_impl == "flash" and input_pos.dim() == 1 and not torch.is_grad_enabled():
+            # one run of slots per row, ending at input_pos[-1]; no backward in flash_attn_with_kvcache
+            b = pad.shape[0]
+            seqlens = (input_pos[-1:] + 1).to(torch.int32).expand(b).contiguous()  # (b,)
+            return Step(input_pos, cos, sin, None, kv_len, gemv, rows, seqlens, pad.to(torch.int32),
+                        None if rows is None else rows.to(torch.int32))
         keys = torch.arange(n_slots, device=input_pos.device)  # (S,)
         q = ip[:, :, None]  # (B or 1, T, 1)
         mask = ((keys[None, None, :] >= pad[:, None, None]) & (keys <= q)) | (keys == q)  # (B, T, S)

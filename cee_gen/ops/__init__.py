@@ -9,26 +9,34 @@ Mutated arguments are marked `(a!)`; the fake kernels let torch.compile trace th
     kv_fill   RMSNorm -> K/V projection -> RoPE on K -> cache write, for every skipped layer of
               every entry, in one launch (the `propagate` and `propagate-raw` KV-fill modes)
     kv_copy   layer e-1's K/V into layers [e, L) (the `copy-kv` mode)
+    attn_kvcache
+              attention of new queries over the KV cache with flash-attn's semantics; its CUDA
+              kernel is flash-attn's `flash_attn_with_kvcache` when installed (ops/flash.py)
 """
 
 from __future__ import annotations
 
 import torch
 
-from cee_gen.ops import native, reference
+from cee_gen.ops import flash, native, reference
 
 KV_FILL_SCHEMA = ("kv_fill(Tensor h, Tensor w, Tensor? bias, Tensor cos, Tensor sin, Tensor rows, "
                   "Tensor slots, Tensor? exit_layer, int first_layer, Tensor(a!)[] k_cache, "
                   "Tensor(b!)[] v_cache, float eps, bool normalize) -> ()")
 KV_COPY_SCHEMA = ("kv_copy(Tensor rows, Tensor slots, Tensor? exit_layer, int first_layer, "
                   "Tensor(a!)[] k_cache, Tensor(b!)[] v_cache) -> ()")
+ATTN_SCHEMA = ("attn_kvcache(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor leftpad, "
+               "Tensor? batch_idx) -> Tensor")
 
 # The low-level Library API rather than torch.library.custom_op: a call costs ~9 us instead of ~45.
 _lib = torch.library.Library("cee_gen", "DEF")
 _lib.define(KV_FILL_SCHEMA)
 _lib.define(KV_COPY_SCHEMA)
+_lib.define(ATTN_SCHEMA)
 _lib.impl("kv_fill", reference.kv_fill_ref, "CompositeExplicitAutograd")  # every device, until
 _lib.impl("kv_copy", reference.kv_copy_ref, "CompositeExplicitAutograd")  # csrc/ adds CUDA kernels
+_lib.impl("attn_kvcache", reference.attn_kvcache_ref, "CompositeExplicitAutograd")  # flash-attn: CUDA
+FLASH = flash.register(_lib)  # whether flash-attn is the CUDA kernel of attn_kvcache
 
 
 @torch.library.register_fake("cee_gen::kv_fill", lib=_lib)
@@ -39,6 +47,11 @@ def _(h, w, bias, cos, sin, rows, slots, exit_layer, first_layer, k_cache, v_cac
 @torch.library.register_fake("cee_gen::kv_copy", lib=_lib)
 def _(rows, slots, exit_layer, first_layer, k_cache, v_cache):
     return None
+
+
+@torch.library.register_fake("cee_gen::attn_kvcache", lib=_lib)
+def _(q, k_cache, v_cache, seqlens, leftpad, batch_idx):
+    return torch.empty_like(q)
 
 
 def _kernel_for(t: torch.Tensor) -> bool:
@@ -66,6 +79,14 @@ def kv_copy(rows: torch.Tensor, slots: torch.Tensor, exit_layer: torch.Tensor | 
     """copy-kv fill; see reference.kv_copy_ref."""
     fn = torch.ops.cee_gen.kv_copy if _kernel_for(rows) else reference.kv_copy_ref
     fn(rows, slots, exit_layer, first_layer, k_cache, v_cache)
+
+
+def attn_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
+                 leftpad: torch.Tensor, batch_idx: torch.Tensor | None) -> torch.Tensor:
+    """Attention over the cache, (b, T, H, hd); see reference.attn_kvcache_ref. Through the op (so
+    torch.compile and CUDA graphs hold flash-attn) on CUDA, the twin directly elsewhere."""
+    fn = torch.ops.cee_gen.attn_kvcache if q.is_cuda else reference.attn_kvcache_ref
+    return fn(q, k_cache, v_cache, seqlens, leftpad, batch_idx)
 
 
 native.load()  # after the schemas: the library only adds kernels to them

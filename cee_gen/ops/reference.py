@@ -1,9 +1,10 @@
 """Pure-PyTorch twins of the native ops (the mamba `selective_scan_ref` pattern).
 
-Same signature and same semantics as the CUDA kernels of csrc/; they are what runs on the CPU and
-on a GPU without the built extension, and what tests/test_ops.py compares the kernels against.
+Same signature and same semantics as the CUDA kernels of csrc/ (and, for `attn_kvcache`, as
+flash-attn's kernel); they are what runs on the CPU and on a GPU without the built extension, and
+what tests/test_ops.py compares the kernels against.
 
-Both ops work on a list of *entries*: cache positions of exited tokens, each (row, slot, exit
+The KV-fill ops work on a list of *entries*: cache positions of exited tokens, each (row, slot, exit
 layer). Entry n writes layers [max(exit_layer[n], first_layer), L) at cache[j][rows[n], :, slots[n]]
 and nothing else. `first_layer` is the lowest exit layer among the entries, known to the caller on
 the host, so the kernel needs no device sync to size its work; `exit_layer` None means every entry
@@ -14,8 +15,9 @@ any sync, so torch.compile traces it whole. (row, slot) pairs must be distinct.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from cee_gen.model import apply_rope
+from cee_gen.rope import apply_rope
 
 
 def _write(cache_t: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor,
@@ -89,3 +91,33 @@ def kv_copy_ref(rows: torch.Tensor, slots: torch.Tensor, exit_layer: torch.Tenso
         keep = _keep(exit_layer, j, last)
         for c in (k_cache, v_cache):
             _write(c[j], rows, slots, c[j - 1][rows, :, slots], keep)  # a chain: j-1 already holds e-1's
+
+
+def attn_kvcache_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
+                     leftpad: torch.Tensor, batch_idx: torch.Tensor | None) -> torch.Tensor:
+    """Attention of new queries over a KV cache, with flash-attn's `flash_attn_with_kvcache` semantics
+    (causal=True, cache_seqlens, cache_leftpad, cache_batch_idx), which the engine calls on a GPU.
+
+    q (b, T, H, hd); k_cache, v_cache (B, S, H_kv, hd), any strides with the last one 1 (the engine
+    passes its (B, H_kv, S, hd) caches transposed); seqlens, leftpad (b,) int32; batch_idx (b,) int32
+    or None (= rows 0..b-1). Query i of row r sits at slot seqlens[r] - T + i (causal, aligned to the
+    bottom right) and attends to slots leftpad[r] .. its own; a query with no such slot gives zeros.
+    Returns (b, T, H, hd).
+    """
+    b, T, H, hd = q.shape
+    if batch_idx is not None:
+        idx = batch_idx.long()
+        k_cache, v_cache = k_cache.index_select(0, idx), v_cache.index_select(0, idx)
+    S = k_cache.shape[1]
+    keys = torch.arange(S, device=q.device)  # (S,)
+    last = seqlens.long()[:, None] - T + torch.arange(T, device=q.device)  # (b, T): each query's slot
+    ok = (keys >= leftpad.long()[:, None, None]) & (keys <= last[:, :, None])  # (b, T, S)
+    any_ok = ok.any(-1, keepdim=True)  # (b, T, 1)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2),  # (b, H, T, hd)
+        k_cache.transpose(1, 2),  # (b, H_kv, S, hd)
+        v_cache.transpose(1, 2),
+        attn_mask=(ok | ~any_ok)[:, None],  # a query with no key attends everywhere, then is zeroed
+        enable_gqa=H != k_cache.shape[2],
+    ).transpose(1, 2)  # (b, T, H, hd)
+    return y * any_ok[..., None].to(y.dtype)
