@@ -18,10 +18,12 @@ from cee_gen.model import ModelArgs
 
 class StaticKVCache:
     def __init__(self, args: ModelArgs, batch: int, n_slots: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str | list):
+        """`device`: one for every layer, or a list with each layer's (a model split across devices)."""
         shape = (batch, args.n_kv_heads, n_slots, args.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        devs = device if isinstance(device, list) else [device] * args.n_layers
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
         self.filled = [0] * args.n_layers  # host-side ints: no device sync to read them
         self.batch, self.n_slots = batch, n_slots
 

@@ -150,7 +150,7 @@ def run(argv: list[str] | None = None) -> int:
     import cee_gen
 
     model = cee_gen.load_model(load.model, dtype=load.dtype, device=load.device, quantize=load.quantize,
-                               attention=load.attention)
+                               attention=load.attention, device_map=load.device_map)
     stream = None
     if args.stream and not args.json and args.output is None:
         def stream(i, delta):

@@ -45,6 +45,10 @@ class LoadConfig:
     attention: str = _f("auto", "attention kernel: auto (flash-attn when it can serve: CUDA, fp16/bf16, "
                         "flash-attn >= 2.6 installed; else SDPA), sdpa, or flash (an error when it cannot)",
                         choices=ATTENTION)
+    device_map: str | None = _f(None, "split the decoder layers across devices, for a model larger than one "
+                                "GPU: auto (balanced over the GPUs' free memory, via accelerate) or "
+                                "DEV=N,... (N layers each, in order, e.g. cuda:0=12,cuda:1=20); the "
+                                "embeddings, LM head and exit heads stay on the first device")
 
     def validate(self) -> LoadConfig:
         if self.dtype not in DTYPES:
@@ -53,6 +57,9 @@ class LoadConfig:
             raise CeeGenError(f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
         if self.attention not in ATTENTION:
             raise CeeGenError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTION)}")
+        if self.device_map is not None and self.quantize != "none":
+            raise CeeGenError("quantize with a device map is not supported: quantize to fit one GPU "
+                              "(drop --device-map), or split the full-precision model (drop --quantize)")
         return self
 
 

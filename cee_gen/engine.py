@@ -35,7 +35,7 @@ from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Signals, Strategy
 from cee_gen.kv_fill import KVFiller
-from cee_gen.model import Transformer
+from cee_gen.model import Transformer, layer_devices
 from cee_gen.sampling import select_next
 
 
@@ -310,7 +310,7 @@ class Decoder:
 
     def new_cache(self, batch: int, n_slots: int) -> StaticKVCache:
         w = self.net.tok_embeddings.weight
-        cache = StaticKVCache(self.net.args, batch, n_slots, w.dtype, w.device)
+        cache = StaticKVCache(self.net.args, batch, n_slots, w.dtype, layer_devices(self.net))
         if self.compiled:  # one graph for every cache length: mark the slot dimension dynamic
             for t in cache.k + cache.v:
                 torch._dynamo.mark_dynamic(t, 2)

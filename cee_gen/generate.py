@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from cee_gen import placement
 from cee_gen.config import ExitConfig, GenerationConfig
 from cee_gen.engine import Decoder, ExitRun, generate_batch
 from cee_gen.errors import CeeGenError
@@ -230,6 +231,7 @@ def generate(
                     "weights": getattr(model.net, "merged_with", None) or "base",
                     "quantize": quantized(model.net) or "none",
                     "attention": model.net.attn_impl,
+                    "device_map": placement.describe(model.net),
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
                     "threshold": ex.thresh,
                     "candidate_layers": run.strategy.layers,

@@ -36,12 +36,17 @@ class KVFiller:
         self.net, self.kv = net, a.n_kv_heads * a.head_dim
         q = a.n_heads * a.head_dim
         dt = net.tok_embeddings.weight.dtype
-        w = torch.stack([dense_weight(blk.attention.wqkv, dt)[q:] for blk in net.layers])  # (L, 2kv, D)
-        g = torch.stack([blk.attention_norm.weight for blk in net.layers])  # (L, D)
-        self.w_raw = w
-        self.w_folded = w * g[:, None, :]  # (L, 2kv, D): RMSNorm weight folded in
-        bias = [blk.attention.wqkv.bias for blk in net.layers]
-        self.bias = None if bias[0] is None else torch.stack([b[q:] for b in bias])  # (L, 2kv)
+        # one stack per run of layers on one device (placement.py); one run when the model is not split
+        self.segments = net.segments or [(0, a.n_layers, net.tok_embeddings.weight.device)]
+        self.w_raw, self.w_folded, self.bias = [], [], []
+        for lo, hi, _ in self.segments:
+            blocks = net.layers[lo:hi]
+            w = torch.stack([dense_weight(blk.attention.wqkv, dt)[q:] for blk in blocks])  # (n, 2kv, D)
+            g = torch.stack([blk.attention_norm.weight for blk in blocks])  # (n, D)
+            self.w_raw.append(w)
+            self.w_folded.append(w * g[:, None, :])  # (n, 2kv, D): RMSNorm weight folded in
+            bias = [blk.attention.wqkv.bias for blk in blocks]
+            self.bias.append(None if bias[0] is None else torch.stack([b[q:] for b in bias]))  # (n, 2kv)
 
     def fill(self, cache, h: torch.Tensor, exit_layer: int, step: Step, mode: str = "propagate"):
         """Write K/V of layers [exit_layer, L) at the step's rows and slots from exit states h (B, T, D)."""
@@ -55,11 +60,22 @@ class KVFiller:
         B, T, D = h.shape
         rows, slots = rows_slots(step, B, T)  # (B, 1), (B, T)
         rows, slots = rows.expand(B, T).reshape(-1), slots.reshape(-1)  # (N,) entries, N = B*T
-        if mode == "copy-kv":  # exit_layer None: every entry exits at e (the ops also take one per entry)
-            ops.kv_copy(rows, slots, None, e, cache.k, cache.v)
-            return
-        w = self.w_folded if mode == "propagate" else self.w_raw
-        hd = a.head_dim
-        ops.kv_fill(h.reshape(B * T, D), w, self.bias, step.cos.reshape(B * T, hd),
-                    step.sin.reshape(B * T, hd), rows, slots, None, e, cache.k, cache.v, a.norm_eps,
-                    mode == "propagate")
+        hd, k, v = a.head_dim, cache.k, cache.v
+        for s, (lo, hi, dev) in enumerate(self.segments):
+            if hi <= e:
+                continue
+            first = max(e, lo)  # this segment's first layer to fill
+            r, sl = rows.to(dev), slots.to(dev)
+            if mode == "copy-kv":  # exit_layer None: every entry exits at e (the ops take one per entry too)
+                if first == lo and lo > 0:  # layer lo-1 holds the copy, on the previous segment's device
+                    pd = self.segments[s - 1][2]
+                    for c in (k, v):
+                        c[lo][r, :, sl] = c[lo - 1][rows.to(pd), :, slots.to(pd)].to(dev)
+                    first += 1
+                if first < hi:
+                    ops.kv_copy(r, sl, None, first - lo, k[lo:hi], v[lo:hi])
+                continue
+            w = (self.w_folded if mode == "propagate" else self.w_raw)[s]
+            ops.kv_fill(h.reshape(B * T, D).to(dev), w, self.bias[s], step.cos.reshape(B * T, hd).to(dev),
+                        step.sin.reshape(B * T, hd).to(dev), r, sl, None, first - lo, k[lo:hi], v[lo:hi],
+                        a.norm_eps, mode == "propagate")

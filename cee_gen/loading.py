@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from cee_gen import placement
 from cee_gen.config import LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
@@ -217,15 +218,17 @@ def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: to
 
 
 def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
-               device: str = "auto", quantize: str = "none", attention: str = "auto") -> Model:
+               device: str = "auto", quantize: str = "none", attention: str = "auto",
+               device_map: str | None = None) -> Model:
     """Load a model: None = the embedded default model (SmolLM2-135M-Instruct).
 
     quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (cee_gen/quant.py).
-    attention auto / sdpa / flash: the attention kernel (cee_gen/ops/flash.py)."""
+    attention auto / sdpa / flash: the attention kernel (cee_gen/ops/flash.py).
+    device_map auto or DEV=N,...: layers split across devices (cee_gen/placement.py); `device` is
+    then ignored, the map's first device is the model's."""
     LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize,
-               attention=attention).validate()
-    dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+               attention=attention, device_map=device_map).validate()
+    dev = resolve_device(device) if device_map is None else None
     path = resolve_checkpoint(name_or_path)
 
     from transformers import AutoConfig, AutoTokenizer
@@ -235,13 +238,19 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     except Exception as e:
         raise ModelLoadError(f"cannot read {path / 'config.json'} ({one_line(e)})") from None
     args = ModelArgs.from_hf_config(hf_cfg)
-    attn = flash.choose(attention, dev, dt, args.head_dim)  # before the weights: a refusal is quick
+    devs = [dev] if device_map is None else placement.devices(device_map, args.n_layers)
+    dt = resolve_dtype(dtype, devs[0])
+    some_cpu = any(d.type == "cpu" for d in devs)  # flash-attn serves only when every layer is on a GPU
+    attn = flash.choose(attention, torch.device("cpu") if some_cpu else devs[0], dt, args.head_dim)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer from {path} ({one_line(e)}): the folder needs "
                              "tokenizer.json or tokenizer.model") from None
-    net = build_transformer(args, _read_state_dict(path), dt, dev)
+    # split: built in host memory, then each part moved to its device (the whole may not fit on one)
+    net = build_transformer(args, _read_state_dict(path), dt, dev or torch.device("cpu"))
+    if device_map is not None:
+        placement.place(net, placement.plan(net, device_map))
     quantize_(net, quantize)
     net.attn_impl = attn
 

@@ -13,7 +13,7 @@ fp32, rotate-half RoPE layout), which tests/test_model_parity.py checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn as nn
@@ -96,6 +96,16 @@ class Step:
     seqlens: torch.Tensor | None = None  # flash: (b,) int32, one past each row's last query slot
     leftpad: torch.Tensor | None = None  # flash: (b,) int32, each row's first real slot
     batch_idx: torch.Tensor | None = None  # flash: `rows` as int32 (None = all rows)
+    _on: dict = field(default_factory=dict, repr=False, compare=False)  # copies on other devices
+
+    def on(self, device: torch.device) -> Step:
+        """This step with its tensors on `device` (a layer segment's, placement.py); made once per device."""
+        if device == self.cos.device:
+            return self
+        if device not in self._on:
+            self._on[device] = Step(*(v.to(device) if torch.is_tensor(v) else v
+                                      for v in (getattr(self, f.name) for f in fields(self)[:-1])))
+        return self._on[device]
 
     def select(self, idx: torch.Tensor) -> Step:
         """The same step for a subset `idx` (b',) of its rows (e.g. the rows that did not exit)."""
@@ -105,6 +115,13 @@ class Step:
             return Step(ip, self.cos[idx], self.sin[idx], self.mask[idx], self.kv_len, self.gemv, rows)
         return Step(ip, self.cos[idx], self.sin[idx], None, self.kv_len, self.gemv, rows,
                     self.seqlens[idx], self.leftpad[idx], rows.to(torch.int32))
+
+
+def layer_devices(net: Transformer) -> torch.device | list[torch.device]:
+    """Where each layer's KV cache goes: the model's device, or per layer when it is split."""
+    if net.segments is None:
+        return net.tok_embeddings.weight.device
+    return [d for a, b, d in net.segments for _ in range(a, b)]
 
 
 def rows_slots(step: Step, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,15 +246,27 @@ class Transformer(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, hd) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attn_impl = "sdpa"  # or "flash" (ops/flash.py), set by the loader
+        self.segments: list | None = None  # layers split across devices (placement.py); None = one device
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
     def forward_layers(self, h: torch.Tensor, lo: int, hi: int, step: Step, cache) -> torch.Tensor:
-        """Run layers [lo, hi) on hidden states h (B, T, D); writes those layers' KV into `cache`."""
-        for i in range(lo, hi):
-            h = self.layers[i](h, step, cache.k[i], cache.v[i])
-        return h
+        """Run layers [lo, hi) on hidden states h (B, T, D); writes those layers' KV into `cache`.
+
+        With layers split across devices, h and the step move to each segment's device on the way,
+        and h comes back to its own device (the home device) at the end."""
+        if self.segments is None:
+            for i in range(lo, hi):
+                h = self.layers[i](h, step, cache.k[i], cache.v[i])
+            return h
+        home = h.device
+        for a, b, dev in self.segments:
+            if max(a, lo) < min(b, hi):
+                h, st = h.to(dev), step.on(dev)
+                for i in range(max(a, lo), min(b, hi)):
+                    h = self.layers[i](h, st, cache.k[i], cache.v[i])
+        return h.to(home)
 
     def head(self, h: torch.Tensor, gemv: bool = False) -> torch.Tensor:
         """Final norm + LM head: (B, T, D) -> (B, T, V) logits."""
