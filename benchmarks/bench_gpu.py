@@ -20,7 +20,8 @@ Records (one JSON object per line, appended to --out, with machine, versions and
   time, GB/s of the bytes it must move (skipped layers' K/V weights + cache writes), ratio.
 - `early_exit`: the decode step at replayed per-token depths and at static k = L/2, against full
   depth in the same loop: measured speed-up beside the ideal L / mean layers.
-Every record names the attention kernel (`--attention`: flash-attn when installed, else SDPA).
+Every record names the attention kernel (`--attention`: flash-attn when installed, else SDPA); with
+flash-attn, full-depth decode is timed with SDPA too, in the same run.
 Timing: CUDA events around each measured region after a warm-up, medians over --repeats.
 """
 
@@ -254,14 +255,20 @@ def main(argv=None) -> None:
     recs = [{**common, **bandwidth(dev, clock, args.repeats, args.bandwidth_mb << 20)}]
     bw = recs[0]["read_gbs"]
     modes = [(False, "default")] + ([(True, "default"), (True, "reduce-overhead")] if args.compile else [])
-    for compiled, mode in modes:
-        tok_s, comp = decode_tokens_s(net, compiled, mode, args.prompt_tokens, args.new_tokens, args.repeats)
-        gbs = wbytes * tok_s / 1e9
-        recs.append({**common, "kind": "decode", "compiled": compiled,
-                     "compile_mode": mode if compiled else None, "prompt_tokens": args.prompt_tokens,
-                     "new_tokens": args.new_tokens, "weight_bytes_per_token": wbytes,
-                     "tok_s": round(tok_s, 2), "weight_gbs": round(gbs, 1),
-                     "fraction_of_roofline": round(gbs / bw, 3), "compile_s": round(comp, 1)})
+    # with flash-attn chosen, full-depth decode is also timed with SDPA, in the same run, for the ratio
+    kernels = [net.attn_impl] + (["sdpa"] if net.attn_impl == "flash" else [])
+    for attn in kernels:
+        net.attn_impl = attn
+        for compiled, mode in modes:
+            tok_s, comp = decode_tokens_s(net, compiled, mode, args.prompt_tokens, args.new_tokens,
+                                          args.repeats)
+            gbs = wbytes * tok_s / 1e9
+            recs.append({**common, "kind": "decode", "attention": attn, "compiled": compiled,
+                         "compile_mode": mode if compiled else None, "prompt_tokens": args.prompt_tokens,
+                         "new_tokens": args.new_tokens, "weight_bytes_per_token": wbytes,
+                         "tok_s": round(tok_s, 2), "weight_gbs": round(gbs, 1),
+                         "fraction_of_roofline": round(gbs / bw, 3), "compile_s": round(comp, 1)})
+    net.attn_impl = kernels[0]
     recs += fill_records(net, clock, args.repeats, common)
     depths = replayed_depths([s for s in args.replay.split(",") if s], a.n_layers, args.new_tokens,
                              args.journal)

@@ -24,7 +24,7 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
   time CEE_GEN_BUILD_CUDA=1 python3 -m pip install --no-deps --no-build-isolation -e . 2>&1 | tail -3
   python3 -c "import cee_gen.ops.native as n; print('extension:', n.load())"
   echo "== GPU tests"
-  python3 -m pytest -q -rs tests/test_ops.py tests/test_attention.py 2>&1 | tail -25
+  python3 -m pytest -q -rs tests/test_ops.py tests/test_attention.py tests/test_placement.py 2>&1 | tail -25
   echo "== GPU benchmark"
   python3 benchmarks/bench_gpu.py --shape llama2-7b --compile --out "$OUT/gpu_llama2-7b.jsonl"
   python3 benchmarks/bench_gpu.py --shape llama3-8b --out "$OUT/gpu_llama3-8b.jsonl"
