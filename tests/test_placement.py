@@ -10,6 +10,8 @@ why, elsewhere.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import make_tiny_checkpoint
@@ -74,11 +76,13 @@ def test_split_model_reports_its_map(ckpt):
 
 
 def _tiny_net(ckpt):
-    from cee_gen.loading import _read_state_dict
+    """The checkpoint's Transformer alone, on the CPU (no tokenizer, not placed)."""
     from transformers import AutoConfig
 
+    from cee_gen.loading import _read_state_dict
+
     args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(ckpt))
-    return build_transformer(args, _read_state_dict(__import__("pathlib").Path(ckpt)), torch.float32, CPU)
+    return build_transformer(args, _read_state_dict(Path(ckpt)), torch.float32, CPU)
 
 
 def test_each_layer_its_cache_and_its_fill_weights_go_to_the_segments_device(ckpt):
@@ -199,7 +203,8 @@ def test_cli_device_map_reaches_the_model(ckpt, capsys):
         main(["--model", ckpt, "--dtype", "float32", "--device-map", "cpu=1,cpu=3", "--json",
               "--max-new-tokens", "3", "hi"])
     assert e.value.code == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stats"]["device_map"] == "cpu=1,cpu=3"
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["stats"]["device_map"] == "cpu=1,cpu=3"
 
 
 # ---- real devices --------------------------------------------------------------------------------
