@@ -67,10 +67,13 @@ def weight_bytes_per_token(net) -> int:
     return total
 
 
-def time_other(net, cfg, n: int = 20) -> list[float]:
+def time_other(net, cfg, n: int = 20, head=None) -> list[float]:
     """n timings of everything in a decode step but the layers: embedding, final norm + LM head,
-    token choice (t_other of the early-exit benchmarks)."""
+    token choice (t_other of the early-exit benchmarks). `head(h)`: the LM head as the decoder runs
+    it (default: eager)."""
     from cee_gen.sampling import select_next
+
+    head = head or (lambda h: net.head(h)[:, -1].float())
 
     h = torch.randn(1, 1, net.args.dim, dtype=net.tok_embeddings.weight.dtype)
     seen = torch.zeros(1, net.args.vocab_size, dtype=torch.bool)
@@ -80,7 +83,7 @@ def time_other(net, cfg, n: int = 20) -> list[float]:
         for _ in range(n):
             t = time.perf_counter()
             net.embed(tok)
-            select_next(net.head(h)[:, -1].float(), cfg, seen, None)
+            select_next(head(h), cfg, seen, None)
             out.append(time.perf_counter() - t)
     return out
 

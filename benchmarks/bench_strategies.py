@@ -1,6 +1,7 @@
 """Every exit strategy on the default model: layers used, ideal vs measured speed-up, quality, costs.
 
     python benchmarks/bench_strategies.py      # default model, eager fp32, batch 1, greedy, ~6 min
+    python benchmarks/bench_strategies.py --compile --out benchmarks/results/strategies_compiled_cpu.jsonl
 
 For each setting, the same held-out prompts (not quickfit's) are decoded for a fixed number of tokens
 (EOS ignored, so every setting times the same number of steps). Reported per setting, medians over
@@ -79,6 +80,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "strategies_cpu.jsonl")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile: the plain step for full/static, the layers and exit heads of the "
+                         "early-exit step for the others (compile time excluded)")
     args = ap.parse_args(argv)
 
     from rouge_score import rouge_scorer
@@ -91,10 +95,14 @@ def main(argv=None) -> None:
     model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
     net, L, tok = model.net, model.n_layers, model.tokenizer
     prompts = [encode_prompt(model, p, None) for p in PROMPTS[:args.prompts]]
-    dec = Decoder(net)
+    dec = Decoder(net, compile=args.compile)
     cfg = GenerationConfig(max_new_tokens=args.new_tokens)
     runs = {name: (None if kw["strategy"] == "full" else prepare_exit(model, ExitConfig(**kw)))
             for name, kw in settings()}
+    head = None
+    if args.compile:  # the LM head as the compiled exit step runs it
+        def head(h):
+            return dec._exit_logits(net.norm, None, net.output, h[:, -1], True)
 
     def run(name):
         """All prompts one by one: total decode s, decision s, fill s, per-prompt outputs."""
@@ -117,7 +125,7 @@ def main(argv=None) -> None:
         for n in names:
             res[n].append(run(n))
             print(f"  {n}: {1e3 * res[n][-1][0]:.1f} ms/token", file=sys.stderr)
-        t_others += time_other(net, cfg)  # t_other; t_layer comes from the full-depth run
+        t_others += time_other(net, cfg, head=head)  # t_other; t_layer comes from the full-depth run
     t_other = statistics.median(t_others)
     t_full = statistics.median(r[0] for r in res["full"])
     t_layer = (t_full - t_other) / L
@@ -131,7 +139,8 @@ def main(argv=None) -> None:
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
     full_outs = res["full"][0][3]
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(),
-              "model": model.name, "dtype": "float32", "engine": "ours (eager)", "batch": 1,
+              "model": model.name, "dtype": "float32",
+              "engine": "ours (compiled)" if args.compile else "ours (eager)", "batch": 1,
               "prompts": len(prompts), "new_tokens": args.new_tokens, "repeats": args.repeats,
               "t_layer_ms": round(1e3 * t_layer, 3), "t_other_ms": round(1e3 * t_other, 3),
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -32,10 +32,10 @@ import torch
 from cee_gen.cache import StaticKVCache, cache_slots
 from cee_gen.config import GenerationConfig
 from cee_gen.errors import CeeGenError
-from cee_gen.exits.heads import ExitHeads
+from cee_gen.exits.heads import ExitHeads, exit_logits
 from cee_gen.exits.strategies import Signals, Strategy
 from cee_gen.kv_fill import KVFiller
-from cee_gen.model import Transformer, layer_devices
+from cee_gen.model import Transformer, layer_devices, run_layer
 from cee_gen.sampling import select_next
 
 
@@ -109,6 +109,16 @@ def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, inpu
     return net.head(h, gemv)[:, -1].float()
 
 
+def _dynamo_compile_s() -> float | None:
+    """Seconds torch.compile has spent compiling in this process so far; None where torch does not
+    record it. The compiled exit step compiles inside ordinary steps (each new batch shape)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except ImportError:
+        return None
+    return sum(compilation_time_metrics.get("_compile.compile_inner", []))
+
+
 def _append_queries(h: torch.Tensor, slots: torch.Tensor, joins: list[list], scratch: int):
     """recompute: add each row's joining pending positions as query columns, padded across rows.
 
@@ -136,6 +146,7 @@ class Decoder:
         self.compile_s = 0.0
         self._warm_shapes: set = set()
         self._step = _decode_step
+        self._layer = self._exit_logits = None  # eager exit step: the blocks and heads themselves
         self._filler: KVFiller | None = None
         if compile:
             import torch._inductor.config as ic
@@ -144,6 +155,12 @@ class Decoder:
             # One graph for every cache length (new_cache marks the slot dimension dynamic):
             # compile is paid once per process and batch size, not once per prompt length.
             self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)
+            # The early-exit step stays eager (its decisions are host syncs), but its fixed-shape
+            # pieces are compiled: one graph for a layer, reused by every layer, and one for an exit
+            # head. Without CUDA graphs: a graph per layer call would need its own step marking.
+            piece = "default" if mode == "reduce-overhead" else mode
+            self._layer = torch.compile(run_layer, fullgraph=True, dynamic=None, mode=piece)
+            self._exit_logits = torch.compile(exit_logits, fullgraph=True, dynamic=None, mode=piece)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
              depth: int | None = None, kv_fill: str = "propagate"):
@@ -177,6 +194,16 @@ class Decoder:
 
         Returns logits (B, V) (rows not alive are zero) and {row: layers it ran}.
         """
+        if self.compiled:
+            c0 = _dynamo_compile_s()
+            out = self._exit_step(cache, tok, tok_ids, slot, pad, alive, run, tm, pending)
+            c1 = _dynamo_compile_s()
+            if c0 is not None and c1 is not None:
+                self.compile_s += c1 - c0
+            return out
+        return self._exit_step(cache, tok, tok_ids, slot, pad, alive, run, tm, pending)
+
+    def _exit_step(self, cache, tok, tok_ids, slot, pad, alive, run, tm, pending):
         net, heads, strat = self.net, run.heads, run.strategy
         L, B, dev = net.args.n_layers, tok.shape[0], tok.device
         n_slots = cache.k[0].shape[2]
@@ -186,7 +213,9 @@ class Decoder:
         host_rows = list(alive)
         h = net.embed(tok[rows])  # (b, 1, D); column 0 is the new token, recompute adds columns
         padr = pad[rows]
-        step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, slot + 1,
+        # compiled: attend over the whole (dynamic) cache and use the fused gemv, as the plain step
+        kv_len = None if self.compiled else slot + 1
+        step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, kv_len, self.compiled,
                              rows=None if len(alive) == B else rows)
         slots = None  # recompute: per-row slots (b, Q) of the queries (scratch = padding)
         extra = [0] * len(host_rows)  # recompute: real pending columns each running row carries
@@ -197,7 +226,7 @@ class Decoder:
         lo = 0
         for stop in stops:
             if pending is None:
-                h = net.forward_layers(h, lo, stop, step, cache)
+                h = net.forward_layers(h, lo, stop, step, cache, self._layer)
             else:
                 for j in range(lo, stop):  # layer by layer: pending positions join at their layer
                     joins = [pending.join(r, j) for r in host_rows]
@@ -206,9 +235,9 @@ class Decoder:
                             slots = torch.full((len(host_rows), 1), slot, device=dev)
                         h, slots = _append_queries(h, slots, joins, scratch)
                         extra = [e + len(x) for e, x in zip(extra, joins)]
-                        step = net.make_step(slots, padr, n_slots, slot + 1,
+                        step = net.make_step(slots, padr, n_slots, kv_len, self.compiled,
                                              rows=None if len(host_rows) == B else rows)
-                    h = net.forward_layers(h, j, j + 1, step, cache)
+                    h = net.forward_layers(h, j, j + 1, step, cache, self._layer)
                     tm.recompute_rows += sum(extra)
             lo = stop
             sig = None
@@ -217,19 +246,20 @@ class Decoder:
             elif plan is not None:
                 ex = [p == stop for p in plan]
             else:
-                t0 = time.perf_counter()
-                sig = Signals(heads, stop, h[:, 0])
+                t0, c0 = time.perf_counter(), _dynamo_compile_s() if self.compiled else None
+                sig = Signals(heads, stop, h[:, 0], self._exit_logits)
                 ex = strat.decide(sig, rows).tolist()  # the data-dependent sync
-                tm.decision_s += time.perf_counter() - t0
+                compiling = (_dynamo_compile_s() - c0) if c0 is not None else 0.0  # an exit head's graph
+                tm.decision_s += time.perf_counter() - t0 - compiling
             if not any(ex):
                 continue
             idx = torch.tensor([i for i, e in enumerate(ex) if e], device=dev)
             if sig is not None and sig._logits is not None:
                 logits[rows[idx]] = sig.logits[idx]
             elif len(idx) == len(host_rows):
-                logits[rows] = heads.logits(stop, h[:, 0])
+                logits[rows] = heads.logits(stop, h[:, 0], self._exit_logits)
             else:
-                logits[rows[idx]] = heads.logits(stop, h[idx, 0])
+                logits[rows[idx]] = heads.logits(stop, h[idx, 0], self._exit_logits)
             for i in idx.tolist():
                 depth[host_rows[i]] = stop
             if stop < L:
@@ -313,7 +343,9 @@ class Decoder:
         cache = StaticKVCache(self.net.args, batch, n_slots, w.dtype, layer_devices(self.net))
         if self.compiled:  # one graph for every cache length: mark the slot dimension dynamic
             for t in cache.k + cache.v:
-                torch._dynamo.mark_dynamic(t, 2)
+                # maybe: the exit step's layer graph takes its mask from outside, with a concrete
+                # length, and may specialize on it (a new cache length then recompiles it once)
+                torch._dynamo.maybe_mark_dynamic(t, 2)
                 if self.graphs:
                     torch._dynamo.mark_static_address(t)
         return cache
@@ -350,9 +382,9 @@ def generate_batch(
     # One depth for every token (full; static when compiled): the plain step. Else the exit step.
     uniform = L if exit is None or exit.strategy.name == "full" else (
         exit.uniform_depth if decoder.compiled else None)
-    if decoder.compiled and uniform is None:
-        raise CeeGenError(f"compile works with exit full and static; exit {exit.strategy.name} with "
-                          f"kv_fill {exit.kv_fill} decides per token and runs eager: drop --compile")
+    if decoder.compiled and small is not None:
+        raise CeeGenError("compile does not work with a cascade over a second checkpoint (two models, "
+                          "each with its own catch-up shapes): drop --compile")
     pending = _Pending(B) if recompute else None
 
     tokens = torch.full((B, T), pad_id, dtype=torch.long)

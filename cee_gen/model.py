@@ -232,6 +232,13 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h), step.gemv)
 
 
+def run_layer(block: Block, h: torch.Tensor, step: Step, k_cache: torch.Tensor,
+              v_cache: torch.Tensor) -> torch.Tensor:
+    """One decoder layer. A free function of the block, so one compiled graph serves every layer
+    (they differ only in weights): the compiled exit step compiles this, not each layer range."""
+    return block(h, step, k_cache, v_cache)
+
+
 class Transformer(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -251,21 +258,25 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
-    def forward_layers(self, h: torch.Tensor, lo: int, hi: int, step: Step, cache) -> torch.Tensor:
+    def forward_layers(self, h: torch.Tensor, lo: int, hi: int, step: Step, cache,
+                       run=None) -> torch.Tensor:
         """Run layers [lo, hi) on hidden states h (B, T, D); writes those layers' KV into `cache`.
 
-        With layers split across devices, h and the step move to each segment's device on the way,
-        and h comes back to its own device (the home device) at the end."""
+        `run(block, h, step, k_cache, v_cache)` runs one layer (default: the block itself; the
+        compiled exit step passes a compiled copy of run_layer). With layers split across devices,
+        h and the step move to each segment's device on the way, and h comes back to its own device
+        (the home device) at the end."""
+        run = run or run_layer
         if self.segments is None:
             for i in range(lo, hi):
-                h = self.layers[i](h, step, cache.k[i], cache.v[i])
+                h = run(self.layers[i], h, step, cache.k[i], cache.v[i])
             return h
         home = h.device
         for a, b, dev in self.segments:
             if max(a, lo) < min(b, hi):
                 h, st = h.to(dev), step.on(dev)
                 for i in range(max(a, lo), min(b, hi)):
-                    h = self.layers[i](h, st, cache.k[i], cache.v[i])
+                    h = run(self.layers[i], h, st, cache.k[i], cache.v[i])
         return h.to(home)
 
     def head(self, h: torch.Tensor, gemv: bool = False) -> torch.Tensor:

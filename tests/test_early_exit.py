@@ -194,9 +194,24 @@ def test_stats_carry_exit_telemetry(model4, policy_file):
     assert s["decision_s"] > 0 and s["fill_s"] >= 0 and s["candidate_layers"] == [1, 2, 3]
 
 
-def test_compile_with_a_per_token_strategy_is_a_clear_error(model4):
+def test_compiled_exit_step_gives_the_eager_tokens_and_exit_layers(model4, policy_file):
+    """Per-token strategies under compile: their layers and exit heads run as compiled graphs (one
+    for a layer, shared by all layers), decisions and gathers stay eager. Batched, so rows finish
+    and exit at different layers and the graphs see several row counts."""
+    for i, ex in enumerate(_all_strategies(policy_file)):
+        eager = cee_gen.generate(model4, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS), exit=ex)
+        comp = cee_gen.generate(model4, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS), exit=ex,
+                                compile=True)
+        assert _ids(comp) == _ids(eager), ex
+        assert [r.stats["layers_per_token"] for r in comp] == [r.stats["layers_per_token"] for r in eager], ex
+        if i == 0:
+            assert comp[0].stats["compile_s"] > 0  # the first run really compiled the pieces
+
+
+def test_compile_with_a_second_checkpoint_cascade_is_a_clear_error(model4, small2):
     with pytest.raises(cee_gen.CeeGenError, match="drop --compile"):
-        cee_gen.generate(model4, "hi", compile=True, exit=ExitConfig(strategy="confidence"))
+        cee_gen.generate(model4, "hi", compile=True,
+                         exit=ExitConfig(strategy="cascade", cascade_model=small2, threshold=0.5))
 
 
 def test_policy_without_policy_heads_names_the_fix(model4, tmp_path):

@@ -109,6 +109,16 @@ class Adapter(nn.Module):
         return z + self.up(self.down(z))
 
 
+def exit_logits(norm: nn.Module, adapter: nn.Module | None, output: nn.Linear, h: torch.Tensor,
+                gemv: bool = False) -> torch.Tensor:
+    """The classifier: output(adapter(norm(h))) in fp32, (b, D) -> (b, V). A free function of the
+    modules, so one compiled graph serves every layer's adapter (they differ only in weights)."""
+    z = norm(h)
+    if adapter is not None:
+        z = adapter(z)
+    return linear(z, output, gemv).float()
+
+
 class ExitHeads(nn.Module):
     """Internal classifiers and (optional) policy heads at candidate layers of one base model.
 
@@ -156,15 +166,12 @@ class ExitHeads(nn.Module):
         """The model's final RMSNorm of h (..., D): what classifiers and policies read."""
         return self.net.norm(h)
 
-    def logits(self, layer: int, h: torch.Tensor) -> torch.Tensor:
-        """Exit-head logits after `layer` layers: h (b, D) -> (b, V) fp32."""
+    def logits(self, layer: int, h: torch.Tensor, fn=None) -> torch.Tensor:
+        """Exit-head logits after `layer` layers: h (b, D) -> (b, V) fp32. `fn`: exit_logits or a
+        compiled copy of it (the engine's compiled exit step)."""
         net = self.net
-        if layer >= net.args.n_layers:
-            return net.head(h).float()
-        z = self.normed(h)
-        if self.adapters:
-            z = self.adapters[str(layer)](z)
-        return linear(z, net.output, False).float()
+        adapter = self.adapters[str(layer)] if self.adapters and layer < net.args.n_layers else None
+        return (fn or exit_logits)(net.norm, adapter, net.output, h, fn is not None)
 
     def p_exit(self, layer: int, h: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         """Policy's p(exit) after `layer` layers: h (b, D) -> (b,) fp32."""

@@ -39,8 +39,9 @@ from cee_gen.exits.heads import ExitHeads
 class Signals:
     """What a strategy may read at one candidate layer, each computed on first use."""
 
-    def __init__(self, heads: ExitHeads, layer: int, h: torch.Tensor):
+    def __init__(self, heads: ExitHeads, layer: int, h: torch.Tensor, logits_fn=None):
         self.heads, self.layer, self.h = heads, layer, h  # h (b, D)
+        self.logits_fn = logits_fn  # the compiled exit_logits in a compiled exit step
         self._z = self._logits = None
 
     @property
@@ -52,7 +53,7 @@ class Signals:
     @property
     def logits(self) -> torch.Tensor:  # exit-head logits (b, V) fp32
         if self._logits is None:
-            self._logits = self.heads.logits(self.layer, self.h)
+            self._logits = self.heads.logits(self.layer, self.h, self.logits_fn)
         return self._logits
 
     @property
