@@ -12,6 +12,8 @@ Two decode steps:
   only (gathered: exited and finished rows cost nothing deeper). With kv_fill `recompute` a row's
   exited positions wait in `_Pending` and re-enter as extra queries at their exit layer, with the
   next token of the row that goes deeper (EE-LLM's KV recomputation), so their deep KV is exact.
+  Under compile its control flow stays eager and its fixed-shape pieces (a layer, an exit head) run
+  as compiled graphs, one per piece, shared by all layers.
 - `Decoder.cascade_step`: CascadeBERT with a second, smaller checkpoint. The small model runs every
   token; the large one runs only for rows where the small one is unsure, first catching up on the
   tokens it has not seen (one forward over the row's backlog, per-row slots).
@@ -32,7 +34,7 @@ import torch
 from cee_gen.cache import StaticKVCache, cache_slots
 from cee_gen.config import GenerationConfig
 from cee_gen.errors import CeeGenError
-from cee_gen.exits.heads import ExitHeads, exit_logits
+from cee_gen.exits.heads import ExitHeads, exit_logits, exit_policy
 from cee_gen.exits.strategies import Signals, Strategy
 from cee_gen.kv_fill import KVFiller
 from cee_gen.model import Transformer, layer_devices, run_layer
@@ -119,6 +121,13 @@ def _dynamo_compile_s() -> float | None:
     return sum(compilation_time_metrics.get("_compile.compile_inner", []))
 
 
+def _layer_then_policy(block, h: torch.Tensor, step, k_cache, v_cache, norm, policy):
+    """A layer, then the policy head on the new token's column of its output: (h, p (b,)). For the
+    compiled exit step, one graph call per candidate layer instead of two."""
+    h = run_layer(block, h, step, k_cache, v_cache)
+    return h, exit_policy(norm, policy, h[:, 0])
+
+
 def _append_queries(h: torch.Tensor, slots: torch.Tensor, joins: list[list], scratch: int):
     """recompute: add each row's joining pending positions as query columns, padded across rows.
 
@@ -146,7 +155,8 @@ class Decoder:
         self.compile_s = 0.0
         self._warm_shapes: set = set()
         self._step = _decode_step
-        self._layer = self._exit_logits = None  # eager exit step: the blocks and heads themselves
+        # eager exit step: the blocks and heads themselves
+        self._layer = self._exit_logits = self._exit_policy = self._layer_policy = None
         self._filler: KVFiller | None = None
         if compile:
             import torch._inductor.config as ic
@@ -156,11 +166,14 @@ class Decoder:
             # compile is paid once per process and batch size, not once per prompt length.
             self._step = torch.compile(_decode_step, fullgraph=True, dynamic=None, mode=mode)
             # The early-exit step stays eager (its decisions are host syncs), but its fixed-shape
-            # pieces are compiled: one graph for a layer, reused by every layer, and one for an exit
-            # head. Without CUDA graphs: a graph per layer call would need its own step marking.
+            # pieces are compiled: one graph for a layer, reused by every layer, one for an exit
+            # head and one for a policy head. Without CUDA graphs: a graph per layer call would need
+            # its own step marking.
             piece = "default" if mode == "reduce-overhead" else mode
             self._layer = torch.compile(run_layer, fullgraph=True, dynamic=None, mode=piece)
             self._exit_logits = torch.compile(exit_logits, fullgraph=True, dynamic=None, mode=piece)
+            self._exit_policy = torch.compile(exit_policy, fullgraph=True, dynamic=None, mode=piece)
+            self._layer_policy = torch.compile(_layer_then_policy, fullgraph=True, dynamic=None, mode=piece)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
              depth: int | None = None, kv_fill: str = "propagate"):
@@ -224,8 +237,15 @@ class Decoder:
         logits = torch.zeros(B, net.args.vocab_size, device=dev)
         depth: dict[int, int] = {}
         lo = 0
+        # compiled policy: the candidate layer's graph also computes p(exit) (one call, not two)
+        fuse = self._layer_policy is not None and strat.reads_policy and net.segments is None
         for stop in stops:
-            if pending is None:
+            p = None
+            if pending is None and fuse and lo < stop < L:
+                h = net.forward_layers(h, lo, stop - 1, step, cache, self._layer)
+                h, p = self._layer_policy(net.layers[stop - 1], h, step, cache.k[stop - 1],
+                                          cache.v[stop - 1], net.norm, heads.policies[str(stop)])
+            elif pending is None:
                 h = net.forward_layers(h, lo, stop, step, cache, self._layer)
             else:
                 for j in range(lo, stop):  # layer by layer: pending positions join at their layer
@@ -247,7 +267,7 @@ class Decoder:
                 ex = [p == stop for p in plan]
             else:
                 t0, c0 = time.perf_counter(), _dynamo_compile_s() if self.compiled else None
-                sig = Signals(heads, stop, h[:, 0], self._exit_logits)
+                sig = Signals(heads, stop, h[:, 0], self._exit_logits, self._exit_policy, p)
                 ex = strat.decide(sig, rows).tolist()  # the data-dependent sync
                 compiling = (_dynamo_compile_s() - c0) if c0 is not None else 0.0  # an exit head's graph
                 tm.decision_s += time.perf_counter() - t0 - compiling

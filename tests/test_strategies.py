@@ -37,10 +37,10 @@ class FakeHeads:
             return torch.zeros(len(h), 4)
         return self._z[self.layer][h[:, 0].long()]
 
-    def logits(self, layer, h):
+    def logits(self, layer, h, fn=None):
         return self._logits[layer][h[:, 0].long()]
 
-    def p_exit(self, layer, h, z=None):
+    def p_exit(self, layer, h, z=None, fn=None):
         return self._p[layer][h[:, 0].long()]
 
 

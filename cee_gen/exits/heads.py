@@ -119,6 +119,12 @@ def exit_logits(norm: nn.Module, adapter: nn.Module | None, output: nn.Linear, h
     return linear(z, output, gemv).float()
 
 
+def exit_policy(norm: nn.Module, policy: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The policy's p(exit | norm(h)) in fp32, (b, D) -> (b,): a free function, like exit_logits,
+    so the compiled exit step has one graph for every layer's policy."""
+    return policy(norm(h))
+
+
 class ExitHeads(nn.Module):
     """Internal classifiers and (optional) policy heads at candidate layers of one base model.
 
@@ -173,9 +179,13 @@ class ExitHeads(nn.Module):
         adapter = self.adapters[str(layer)] if self.adapters and layer < net.args.n_layers else None
         return (fn or exit_logits)(net.norm, adapter, net.output, h, fn is not None)
 
-    def p_exit(self, layer: int, h: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """Policy's p(exit) after `layer` layers: h (b, D) -> (b,) fp32."""
-        return self.policies[str(layer)](self.normed(h) if z is None else z)
+    def p_exit(self, layer: int, h: torch.Tensor, z: torch.Tensor | None = None, fn=None) -> torch.Tensor:
+        """Policy's p(exit) after `layer` layers: h (b, D) -> (b,) fp32. `fn`: a compiled exit_policy
+        (which computes the norm itself, so z is not used)."""
+        policy = self.policies[str(layer)]
+        if fn is not None:
+            return fn(self.net.norm, policy, h)
+        return policy(self.normed(h) if z is None else z)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

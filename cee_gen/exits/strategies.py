@@ -39,9 +39,12 @@ from cee_gen.exits.heads import ExitHeads
 class Signals:
     """What a strategy may read at one candidate layer, each computed on first use."""
 
-    def __init__(self, heads: ExitHeads, layer: int, h: torch.Tensor, logits_fn=None):
+    def __init__(self, heads: ExitHeads, layer: int, h: torch.Tensor, logits_fn=None, policy_fn=None,
+                 p_exit: torch.Tensor | None = None):
         self.heads, self.layer, self.h = heads, layer, h  # h (b, D)
-        self.logits_fn = logits_fn  # the compiled exit_logits in a compiled exit step
+        # in a compiled exit step: the compiled exit_logits and exit_policy (heads.py), or p(exit)
+        # already computed in the layer's graph
+        self.logits_fn, self.policy_fn, self._p = logits_fn, policy_fn, p_exit
         self._z = self._logits = None
 
     @property
@@ -58,12 +61,17 @@ class Signals:
 
     @property
     def p_exit(self) -> torch.Tensor:  # (b,) fp32
+        if self._p is not None:
+            return self._p
+        if self.policy_fn is not None:
+            return self.heads.p_exit(self.layer, self.h, fn=self.policy_fn)
         return self.heads.p_exit(self.layer, self.h, self.z)
 
 
 class Strategy:
     name = "full"
     planned = False  # exit layers known before the step (plan()); no decisions inside it
+    reads_policy = False  # decides from p_exit alone (the compiled exit step then fuses it, engine.py)
 
     def __init__(self, layers: list[int], n_layers: int):
         self.layers, self.L = layers, n_layers  # candidate layers, sorted, all < L
@@ -134,7 +142,7 @@ class _Threshold(Strategy):
 
 
 class PolicyExit(_Threshold):
-    name = "policy"
+    name, reads_policy = "policy", True
 
     def decide(self, sig, rows):
         return sig.p_exit >= self.t
