@@ -113,15 +113,18 @@ def main(argv=None) -> None:
     static = args.path.parent / "static_exit_cpu.jsonl"
     static_table = static_exit_table(load_latest_run(static)) if static.exists() else ""
     print(static_table)
-    strat = args.path.parent / "strategies_cpu.jsonl"
-    strat_table = strategies_table(load_latest_run(strat)) if strat.exists() else ""
-    print(strat_table)
+    strat_tables = {}
+    for name in ("strategies_cpu.jsonl", "strategies_compiled_cpu.jsonl"):  # eager; --compile
+        strat = args.path.parent / name
+        if strat.exists():
+            strat_tables[strat] = strategies_table(load_latest_run(strat))
+            print(strat_tables[strat])
     if args.write:
         args.path.with_suffix(".md").write_text(table)
         if static_table:
             static.with_suffix(".md").write_text(static_table)
-        if strat_table:
-            strat.with_suffix(".md").write_text(strat_table)
+        for strat, t in strat_tables.items():
+            strat.with_suffix(".md").write_text(t)
 
 
 if __name__ == "__main__":
