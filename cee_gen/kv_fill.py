@@ -61,6 +61,7 @@ class KVFiller:
         rows, slots = rows_slots(step, B, T)  # (B, 1), (B, T)
         rows, slots = rows.expand(B, T).reshape(-1), slots.reshape(-1)  # (N,) entries, N = B*T
         hd, k, v = a.head_dim, cache.k, cache.v
+        x, cos, sin = h.reshape(B * T, D), step.cos.reshape(B * T, hd), step.sin.reshape(B * T, hd)
         for s, (lo, hi, dev) in enumerate(self.segments):
             if hi <= e:
                 continue
@@ -76,6 +77,5 @@ class KVFiller:
                     ops.kv_copy(r, sl, None, first - lo, k[lo:hi], v[lo:hi])
                 continue
             w = (self.w_folded if mode == "propagate" else self.w_raw)[s]
-            ops.kv_fill(h.reshape(B * T, D).to(dev), w, self.bias[s], step.cos.reshape(B * T, hd).to(dev),
-                        step.sin.reshape(B * T, hd).to(dev), r, sl, None, first - lo, k[lo:hi], v[lo:hi],
-                        a.norm_eps, mode == "propagate")
+            ops.kv_fill(x.to(dev), w, self.bias[s], cos.to(dev), sin.to(dev), r, sl, None, first - lo,
+                        k[lo:hi], v[lo:hi], a.norm_eps, mode == "propagate")

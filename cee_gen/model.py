@@ -103,8 +103,8 @@ class Step:
         if device == self.cos.device:
             return self
         if device not in self._on:
-            self._on[device] = Step(*(v.to(device) if torch.is_tensor(v) else v
-                                      for v in (getattr(self, f.name) for f in fields(self)[:-1])))
+            vals = (getattr(self, f.name) for f in fields(self) if f.name != "_on")
+            self._on[device] = Step(*(v.to(device) if torch.is_tensor(v) else v for v in vals))
         return self._on[device]
 
     def select(self, idx: torch.Tensor) -> Step:
