@@ -19,7 +19,8 @@ Records (one JSON object per line, appended to --out, with machine, versions and
   kernel when built; else the twin, and the record says `kernel: false`) and through the twin:
   time, GB/s of the bytes it must move (skipped layers' K/V weights + cache writes), ratio.
 - `early_exit`: the decode step at replayed per-token depths and at static k = L/2, against full
-  depth in the same loop: measured speed-up beside the ideal L / mean layers.
+  depth in the same loop: measured speed-up beside the ideal L / mean layers; each with the eager
+  KV fill (the kv_fill op at every exit) and the deferred one (`fill_timing`).
 Every record names the attention kernel (`--attention`: flash-attn when installed, else SDPA); with
 flash-attn, full-depth decode is timed with SDPA too, in the same run.
 Timing: CUDA events around each measured region after a warm-up, medians over --repeats.
@@ -41,6 +42,7 @@ from bench_decode import weight_bytes_per_token  # noqa: E402
 
 from cee_gen.bench.env import git_commit, machine_info, versions  # noqa: E402
 from cee_gen.cache import cache_slots  # noqa: E402
+from cee_gen.exits.strategies import Strategy  # noqa: E402
 from cee_gen.model import ModelArgs, Transformer, rope_tables  # noqa: E402
 from cee_gen.ops import flash  # noqa: E402
 
@@ -179,37 +181,65 @@ def fill_records(net, clock: Clock, repeats: int, common: dict) -> list[dict]:
     return out
 
 
+class Replay(Strategy):
+    """A planned strategy that exits the t-th decode step at seq[t] (a recorded run's depths)."""
+    name, planned = "replay", True
+
+    def __init__(self, seq: list[int], n_layers: int):
+        super().__init__(sorted({d for d in seq if d < n_layers}), n_layers)
+        self.seq, self.t = seq, 0
+
+    def plan(self, tok_ids):
+        d, self.t = self.seq[self.t], self.t + 1
+        return [d] * len(tok_ids)
+
+
 def early_exit_records(net, depths: dict[str, list[int]], clock: Clock, repeats: int, prompt: int,
                        common: dict) -> list[dict]:
-    """Decode steps at the given per-token depths vs full depth, same loop, eager engine step."""
-    from cee_gen.engine import Decoder
+    """Decode steps at the given per-token depths vs full depth, same loop, eager engine steps.
+
+    Each plan runs twice: with the eager fill (the plain step at that depth, then one kv_fill op:
+    the CUDA kernel when built), and with the deferred fill (the exit step, whose next deeper
+    tokens write the skipped K/V in their own layers' projections)."""
+    from cee_gen.engine import BatchTimings, Decoder, ExitRun, _Deferred
+    from cee_gen.exits.heads import ExitHeads
 
     a, dev = net.args, net.tok_embeddings.weight.device
     L = a.n_layers
     dec = Decoder(net)
     n = len(next(iter(depths.values())))
-    cache = dec.new_cache(1, cache_slots(prompt + n + 1))
+    n_slots = cache_slots(prompt + n + 1)
+    cache = dec.new_cache(1, n_slots)
     pad = torch.zeros(1, dtype=torch.long, device=dev)
     tok = torch.zeros(1, 1, dtype=torch.long, device=dev)  # slots before `prompt`: zeros; timing only
+    heads = ExitHeads.logit_lens(net)
 
-    def run(seq):
-        for t, d in enumerate(seq):
-            dec.step(cache, tok, prompt + t, pad, depth=None if d >= L else d)
+    def run(seq, timing):
+        if timing == "eager":
+            for t, d in enumerate(seq):
+                dec.step(cache, tok, prompt + t, pad, depth=None if d >= L else d)
+            return
+        run_ = ExitRun(Replay(seq, L), heads, "propagate", defer=True)
+        deferred = _Deferred(net, 1, n_slots, pad)
+        for t in range(len(seq)):
+            dec.exit_step(cache, tok, [0], prompt + t, pad, [0], run_, BatchTimings(), None, deferred)
 
-    full = [L] * n
-    plans = {"full": full, **depths}
+    plans = {("full", "eager"): [L] * n}
+    for k, seq in depths.items():
+        plans[k, "eager"] = plans[k, "deferred"] = seq
     times = {k: [] for k in plans}
-    for seq in plans.values():
-        run(seq)  # warm-up
+    for (_, timing), seq in plans.items():
+        run(seq, timing)  # warm-up
     for _ in range(repeats):  # interleaved, so drift hits every plan alike
-        for k, seq in plans.items():
-            times[k].append(clock.time(lambda seq=seq: run(seq)))
-    base = statistics.median(times["full"])
+        for (k, timing), seq in plans.items():
+            times[k, timing].append(clock.time(lambda seq=seq, timing=timing: run(seq, timing)))
+    base = statistics.median(times["full", "eager"])
     out = []
-    for k, seq in plans.items():
-        med = statistics.median(times[k])
+    for (k, timing), seq in plans.items():
+        med = statistics.median(times[k, timing])
         mean = sum(seq) / len(seq)
         out.append({**common, "kind": "early_exit", "plan": k, "tokens": n,
+                    "fill_timing": None if k == "full" else timing,
                     "source": "static" if k.startswith("static") or k == "full" else
                     "replayed from the default model's test rows (bench_cpu.rows.jsonl)",
                     "mean_layers": round(mean, 2), "ideal_speedup": round(L / mean, 3),

@@ -49,8 +49,10 @@ def settings():
     return [
         ("full", dict(strategy="full")),
         ("static k=15", dict(strategy="static", exit_layer=15)),
+        ("static k=15 eager fill", dict(strategy="static", exit_layer=15, fill_timing="eager")),
         ("static k=22", dict(strategy="static", exit_layer=22)),
         ("policy t=0.5", dict(strategy="policy", heads=HEADS, threshold=0.5)),
+        ("policy t=0.5 eager fill", dict(strategy="policy", heads=HEADS, threshold=0.5, fill_timing="eager")),
         ("policy t=0.99", dict(strategy="policy", heads=HEADS, threshold=0.99)),
         ("policy t=0.99 recompute",
          dict(strategy="policy", heads=HEADS, threshold=0.99, kv_fill="recompute")),
@@ -58,6 +60,8 @@ def settings():
         ("entropy t=0.05", dict(strategy="entropy", threshold=0.05, **E)),
         ("patience n=2", dict(strategy="patience", patience=2, **E)),
         ("saturation t=0.95", dict(strategy="saturation", threshold=0.95, min_exit_layer=16)),
+        ("saturation t=0.95 eager fill",
+         dict(strategy="saturation", threshold=0.95, min_exit_layer=16, fill_timing="eager")),
         ("hash 24,26,28", dict(strategy="hash", exit_layers="24,26,28")),
         ("cascade k=24 t=0.9", dict(strategy="cascade", exit_layer=24, threshold=0.9)),
     ]
@@ -155,6 +159,8 @@ def main(argv=None) -> None:
         recs.append({**common, "setting": name, "exit": {k: v for k, v in kw.items() if k != "heads"},
                      "heads": "quickfit" if "heads" in kw else None,
                      "kv_fill": runs[name].kv_fill if runs[name] else None,
+                     "fill_timing": (("deferred" if runs[name].defer else "eager")
+                                     if runs[name] and runs[name].kv_fill == "propagate" else None),
                      "ms_per_token": round(1e3 * t, 2),
                      "all_ms": [round(1e3 * r[0], 2) for r in res[name]],
                      "decision_ms_per_token": round(1e3 * statistics.median(r[1] for r in res[name]), 3),

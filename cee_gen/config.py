@@ -20,6 +20,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patience", "saturation", "hash",
                    "cascade")
 KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
+FILL_TIMINGS = ("auto", "deferred", "eager")
 HASH_METHODS = ("frequency", "random")
 DEFAULT_THRESHOLDS = {"policy": 0.5, "confidence": 0.9, "entropy": 0.1, "saturation": 0.975, "cascade": 0.9}
 
@@ -158,6 +159,12 @@ class ExitConfig:
                              "of the exit state), propagate-raw, copy-kv, recompute (exact: run the "
                              "exit state through the deeper layers with the next deep token; "
                              "cascade's default)", choices=KV_FILL_MODES)
+    fill_timing: str = _f("auto", "when propagate writes the skipped layers' KV: deferred (auto's "
+                          "choice) by the next token that runs each layer, inside that layer's own "
+                          "K/V projection, so the fill reads no extra weights and layers no later "
+                          "token runs are never filled; or eager, at the exit, in one kv_fill op "
+                          "(the CUDA kernel of csrc/ on a GPU). Same values either way",
+                          choices=FILL_TIMINGS)
 
     def validate(self, n_layers: int | None = None) -> ExitConfig:
         def bad(msg):
@@ -187,6 +194,11 @@ class ExitConfig:
         elif self.exit_layer is not None:
             bad(f"exit_layer is for the static and cascade strategies, not {s}: use exit_layers "
                 "(--exit-layers) to choose candidate layers")
+        if self.fill_timing not in FILL_TIMINGS:
+            bad(f"unknown fill_timing {self.fill_timing!r}: use one of {', '.join(FILL_TIMINGS)}")
+        if self.fill_timing == "deferred" and self.fill != "propagate":
+            bad(f"fill_timing deferred is a way to run kv_fill propagate, not {self.fill}: use "
+                "--kv-fill propagate, or drop --fill-timing")
         if s == "cascade" and self.kv_fill not in (None, "recompute"):
             bad("cascade always catches the large model up on the tokens it skipped (kv_fill "
                 f"recompute), not {self.kv_fill}: drop --kv-fill")
@@ -214,6 +226,11 @@ class ExitConfig:
         if self.kv_fill is not None:
             return self.kv_fill
         return "recompute" if self.strategy == "cascade" else "propagate"
+
+    @property
+    def deferred(self) -> bool:
+        """Whether the fill in effect is propagate's, deferred to the next tokens (fill_timing)."""
+        return self.fill == "propagate" and self.fill_timing in ("auto", "deferred")
 
     @property
     def thresh(self) -> float | None:

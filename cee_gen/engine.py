@@ -25,9 +25,10 @@ the next layer at all is data-dependent). Their cost is in the stats as `decisio
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -49,6 +50,7 @@ class ExitRun:
     heads: ExitHeads
     kv_fill: str = "propagate"
     small: Transformer | None = None  # cascade with a second checkpoint: the small model
+    defer: bool = False  # propagate's fill written by the next tokens that run each layer (_Deferred)
 
     @property
     def uniform_depth(self) -> int | None:
@@ -94,6 +96,88 @@ class _Pending:
         return out
 
 
+class _Deferred:
+    """Deferred `propagate` fill: per row, the exited positions whose deeper K/V is not written yet.
+
+    A token that exits after e layers leaves its state h_e (D,) here, with f = e: layers [f, L) of
+    its slot still lack K/V. The next token of its row that runs layer j >= f carries it as a fill
+    column (Step.fill_h): that layer writes RMSNorm_j -> K/V projection -> RoPE of h_e in the same
+    projection as its own token's (model.Attention), which is the eager fill's value, and the weights
+    are read once for both. When that token stops after d layers, every entry with f < d has its
+    layers [f, d) written: f = d (all done, and dropped, when d = L). Nothing reads a layer before a
+    token runs it, so no attention sees a missing entry; layers no later token runs are never filled.
+    """
+
+    def __init__(self, net: Transformer, batch: int, n_slots: int, pad: torch.Tensor):
+        self.net, self.pad, self.scratch = net, pad, n_slots - 1  # padding columns write scratch
+        w = net.tok_embeddings.weight
+        self.states = torch.zeros(batch, n_slots, net.args.dim, dtype=w.dtype, device=w.device)
+        self.entries: list[dict[int, int]] = [{} for _ in range(batch)]  # per row: {slot: f}
+        self.fs: list[int] = []
+        self._memo: dict = {}
+
+    def begin(self, host_rows: list[int]) -> None:
+        """A new decode step for these rows: the layers at which their fill columns change."""
+        self.fs = sorted({f for r in host_rows for f in self.entries[r].values()})
+        self._memo = {}
+
+    def spans(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """[lo, hi) cut where a new entry joins, so each span runs with one set of fill columns."""
+        cuts = [lo] + [f for f in self.fs if lo < f < hi] + [hi]
+        return [(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
+
+    def step_at(self, j: int, step, host_rows: list[int], rows: torch.Tensor):
+        """`step` with the fill columns of layer j for the running rows (host ints; rows (b,))."""
+        n = bisect.bisect_right(self.fs, j)  # how many entry layers are <= j: the set's identity
+        key = (n, tuple(host_rows))
+        if n == 0:
+            return step
+        if key not in self._memo:
+            cols = [[s for s, f in self.entries[r].items() if f <= j] for r in host_rows]
+            # at least 2 columns: under compile one graph (P dynamic) then serves every count, where
+            # P = 1 would get its own (size-1 dimensions are specialized)
+            P = max(len(c) for c in cols)
+            if P == 0:
+                self._memo[key] = step
+            else:
+                P = max(P, 2)
+                dev = rows.device
+                slots = torch.tensor([c + [self.scratch] * (P - len(c)) for c in cols], device=dev)  # (b, P)
+                fill_h = self.states[rows[:, None], slots]  # (b, P, D); padding: the zero state
+                cos, sin = self.net.rope_rows(slots, self.pad[rows])
+                for t in (fill_h, slots, cos, sin):
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
+                    torch._dynamo.maybe_mark_dynamic(t, 0)
+                self._memo[key] = replace(step, fill_h=fill_h, fill_pos=slots, fill_cos=cos, fill_sin=sin)
+        return self._memo[key]
+
+    def exited(self, row: int, slot: int, depth: int, h: torch.Tensor | None) -> None:
+        """Row `row`'s token at `slot` stopped after `depth` layers, with state h (D,) (depth < L)."""
+        ents = self.entries[row]
+        if depth >= self.net.args.n_layers:
+            ents.clear()
+            return
+        for s, f in ents.items():
+            if f < depth:
+                ents[s] = depth
+        ents[slot] = depth
+        self.states[row, slot] = h
+
+
+def _batch_dynamic(*ts) -> None:
+    """Compiled exit step: the row count of these tensors (dim 0) is dynamic from their first graph
+    on, so one graph serves every count >= 2 (1 is specialized) instead of one per count seen."""
+    for t in ts:
+        if torch.is_tensor(t) and t.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+def _step_dynamic(step) -> None:
+    _batch_dynamic(step.cos, step.sin, step.mask, step.rows, step.seqlens, step.leftpad, step.batch_idx,
+                   step.fill_h, step.fill_pos, step.fill_cos, step.fill_sin,
+                   step.input_pos if step.input_pos.dim() == 2 else None)
+
+
 def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, input_pos: torch.Tensor,
                  pad: torch.Tensor, kv_len: int | None, gemv: bool = False, depth: int | None = None,
                  filler: KVFiller | None = None, kv_fill: str = "propagate") -> torch.Tensor:
@@ -106,7 +190,7 @@ def _decode_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, inpu
     L = net.args.n_layers
     depth = L if depth is None else depth
     h = net.forward_layers(net.embed(tok), 0, depth, step, cache)  # (B, 1, D)
-    if depth < L:
+    if depth < L and filler is not None:  # deferred: no token runs the layers past depth, none filled
         filler.fill(cache, h, depth, step, kv_fill)
     return net.head(h, gemv)[:, -1].float()
 
@@ -176,10 +260,10 @@ class Decoder:
             self._layer_policy = torch.compile(_layer_then_policy, fullgraph=True, dynamic=None, mode=piece)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
-             depth: int | None = None, kv_fill: str = "propagate"):
+             depth: int | None = None, kv_fill: str | None = "propagate"):
         """tok (B, 1) written at cache slot `slot`, run `depth` layers (None = all) -> logits (B, V)."""
-        filler = None
-        if depth is not None and depth < self.net.args.n_layers:
+        filler = None  # kv_fill None: the layers past depth need no fill (deferred, and no token runs them)
+        if depth is not None and depth < self.net.args.n_layers and kv_fill is not None:
             if self._filler is None:
                 self._filler = KVFiller(self.net)
             filler = self._filler
@@ -202,21 +286,31 @@ class Decoder:
 
     def exit_step(self, cache: StaticKVCache, tok: torch.Tensor, tok_ids: list[int], slot: int,
                   pad: torch.Tensor, alive: list[int], run: ExitRun, tm: BatchTimings,
-                  pending: _Pending | None) -> tuple[torch.Tensor, dict[int, int]]:
+                  pending: _Pending | None, deferred: _Deferred | None = None
+                  ) -> tuple[torch.Tensor, dict[int, int]]:
         """One early-exit decode step for the rows `alive` (host ints) of tok (B, 1) at `slot`.
 
         Returns logits (B, V) (rows not alive are zero) and {row: layers it ran}.
         """
         if self.compiled:
             c0 = _dynamo_compile_s()
-            out = self._exit_step(cache, tok, tok_ids, slot, pad, alive, run, tm, pending)
+            out = self._exit_step(cache, tok, tok_ids, slot, pad, alive, run, tm, pending, deferred)
             c1 = _dynamo_compile_s()
             if c0 is not None and c1 is not None:
                 self.compile_s += c1 - c0
             return out
-        return self._exit_step(cache, tok, tok_ids, slot, pad, alive, run, tm, pending)
+        return self._exit_step(cache, tok, tok_ids, slot, pad, alive, run, tm, pending, deferred)
 
-    def _exit_step(self, cache, tok, tok_ids, slot, pad, alive, run, tm, pending):
+    def _layers(self, h, lo: int, hi: int, step, cache, deferred, host_rows, rows):
+        """Layers [lo, hi) of the exit step; with a deferred fill, each span with its fill columns."""
+        if deferred is None:
+            return self.net.forward_layers(h, lo, hi, step, cache, self._layer)
+        for a, b in deferred.spans(lo, hi):
+            h = self.net.forward_layers(h, a, b, deferred.step_at(a, step, host_rows, rows), cache,
+                                        self._layer)
+        return h
+
+    def _exit_step(self, cache, tok, tok_ids, slot, pad, alive, run, tm, pending, deferred):
         net, heads, strat = self.net, run.heads, run.strategy
         L, B, dev = net.args.n_layers, tok.shape[0], tok.device
         n_slots = cache.k[0].shape[2]
@@ -230,6 +324,9 @@ class Decoder:
         kv_len = None if self.compiled else slot + 1
         step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, kv_len, self.compiled,
                              rows=None if len(alive) == B else rows)
+        if self.compiled:
+            _batch_dynamic(h)
+            _step_dynamic(step)
         slots = None  # recompute: per-row slots (b, Q) of the queries (scratch = padding)
         extra = [0] * len(host_rows)  # recompute: real pending columns each running row carries
         plan = strat.plan([tok_ids[r] for r in host_rows]) if strat.planned else None
@@ -239,14 +336,17 @@ class Decoder:
         lo = 0
         # compiled policy: the candidate layer's graph also computes p(exit) (one call, not two)
         fuse = self._layer_policy is not None and strat.reads_policy and net.segments is None
+        if deferred is not None:
+            deferred.begin(host_rows)
         for stop in stops:
             p = None
             if pending is None and fuse and lo < stop < L:
-                h = net.forward_layers(h, lo, stop - 1, step, cache, self._layer)
-                h, p = self._layer_policy(net.layers[stop - 1], h, step, cache.k[stop - 1],
+                h = self._layers(h, lo, stop - 1, step, cache, deferred, host_rows, rows)
+                st = step if deferred is None else deferred.step_at(stop - 1, step, host_rows, rows)
+                h, p = self._layer_policy(net.layers[stop - 1], h, st, cache.k[stop - 1],
                                           cache.v[stop - 1], net.norm, heads.policies[str(stop)])
             elif pending is None:
-                h = net.forward_layers(h, lo, stop, step, cache, self._layer)
+                h = self._layers(h, lo, stop, step, cache, deferred, host_rows, rows)
             else:
                 for j in range(lo, stop):  # layer by layer: pending positions join at their layer
                     joins = [pending.join(r, j) for r in host_rows]
@@ -282,7 +382,9 @@ class Decoder:
                 logits[rows[idx]] = heads.logits(stop, h[idx, 0], self._exit_logits)
             for i in idx.tolist():
                 depth[host_rows[i]] = stop
-            if stop < L:
+                if deferred is not None:
+                    deferred.exited(host_rows[i], slot, stop, h[i, 0] if stop < L else None)
+            if stop < L and deferred is None:
                 if pending is None:
                     t0 = time.perf_counter()
                     if self._filler is None:
@@ -303,6 +405,9 @@ class Decoder:
                 break
             kt = torch.tensor(keep, device=dev)
             h, rows, padr, step = h[kt], rows[kt], padr[kt], step.select(kt)
+            if self.compiled:
+                _batch_dynamic(h)
+                _step_dynamic(step)
             host_rows = [host_rows[i] for i in keep]
             extra = [extra[i] for i in keep]
             if plan is not None:
@@ -396,8 +501,10 @@ def generate_batch(
     n_new = min(cfg.max_new_tokens, net.args.max_position_embeddings - T)
     small = exit.small if exit is not None else None
     recompute = exit is not None and exit.kv_fill == "recompute" and small is None
-    # recompute and the cascade's catch-up pad their extra queries to a scratch slot past every real one
-    scratch = int(recompute or small is not None)
+    defer = exit is not None and exit.defer and small is None and not recompute
+    # recompute and the cascade's catch-up pad their extra queries, and a deferred fill its columns,
+    # to a scratch slot past every real one
+    scratch = int(recompute or small is not None or defer)
     n_slots = min(cache_slots(T + n_new + scratch), net.args.max_position_embeddings + scratch)
     # One depth for every token (full; static when compiled): the plain step. Else the exit step.
     uniform = L if exit is None or exit.strategy.name == "full" else (
@@ -434,6 +541,7 @@ def generate_batch(
         seq[:, :T] = tokens
         large_seen = [T] * B  # the large model has run every row's slots below this
     logits = net.head(h[:, -1:])[:, -1].float()  # (B, V): only the last position needs the LM head
+    deferred = _Deferred(net, B, n_slots, pad) if defer and uniform is None else None
     compile_before = decoder.compile_s
     t1 = None
     last_depth: dict[int, int] = {}  # row -> layers run by the step that made its next token
@@ -460,14 +568,14 @@ def generate_batch(
         alive = [b for b in range(B) if not done[b]]  # finished rows cost nothing in the exit steps
         if uniform is not None:
             logits = decoder.step(cache, nxt[:, None], T + i, pad, uniform,
-                                  exit.kv_fill if exit else "propagate")
+                                  None if defer else exit.kv_fill if exit else "propagate")
         elif small is not None:
             seq[:, T + i] = nxt
             logits, last_depth = decoder.cascade_step(cache, small_cache, seq, T + i, pad, alive, exit,
                                                       timings, large_seen)
         else:
             logits, last_depth = decoder.exit_step(cache, nxt[:, None], ids, T + i, pad, alive, exit,
-                                                   timings, pending)
+                                                   timings, pending, deferred)
         cache.advance(0, L, 1)
     timings.decode_s = time.perf_counter() - (t1 or t0)
     timings.compile_s = decoder.compile_s - compile_before

@@ -99,7 +99,7 @@ def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
     special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
     strat = make_strategy(ex, heads, model.args.vocab_size, special)
     small = None if ex.cascade_model is None else cascade_model(model, ex.cascade_model).net
-    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small)
+    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small, defer=ex.deferred)
 
 
 def cascade_model(model: Model, path: str) -> Model:
@@ -233,6 +233,9 @@ def generate(
                     "attention": model.net.attn_impl,
                     "device_map": placement.describe(model.net),
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
+                    # deferred: the fill runs inside the layers, so fill_s does not count it
+                    "fill_timing": (("deferred" if ex.deferred else "eager")
+                                    if ex.strategy != "full" else None),
                     "threshold": ex.thresh,
                     "candidate_layers": run.strategy.layers,
                     "exit_histogram": exit_histogram(row.layers_per_token[1:]),

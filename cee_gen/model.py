@@ -13,7 +13,7 @@ fp32, rotate-half RoPE layout), which tests/test_model_parity.py checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -84,6 +84,11 @@ class Step:
 
     Attention is SDPA over `mask`, or flash-attn (ops/flash.py) when `seqlens` is set: then each
     row's queries are the slots up to seqlens - 1 and it attends from slot `leftpad` on.
+
+    Deferred KV fill (engine.py, `_Deferred`): `fill_h` holds exit states of earlier tokens of each
+    row whose K/V this layer has not got yet. The layer writes their K/V (its own RMSNorm, K/V
+    projection and RoPE, i.e. `propagate`) in the same projection as the new tokens' and does not
+    attend from them. Padding columns write the scratch slot, which no query reads.
     """
 
     input_pos: torch.Tensor  # (T,) cache slots written by this step, or (b, T) per row
@@ -96,6 +101,10 @@ class Step:
     seqlens: torch.Tensor | None = None  # flash: (b,) int32, one past each row's last query slot
     leftpad: torch.Tensor | None = None  # flash: (b,) int32, each row's first real slot
     batch_idx: torch.Tensor | None = None  # flash: `rows` as int32 (None = all rows)
+    fill_h: torch.Tensor | None = None  # deferred fill: (b, P, D) exit states to project at this layer
+    fill_pos: torch.Tensor | None = None  # (b, P) their cache slots
+    fill_cos: torch.Tensor | None = None  # (b, P, 1, hd) their RoPE rows
+    fill_sin: torch.Tensor | None = None
     _on: dict = field(default_factory=dict, repr=False, compare=False)  # copies on other devices
 
     def on(self, device: torch.device) -> Step:
@@ -109,12 +118,13 @@ class Step:
 
     def select(self, idx: torch.Tensor) -> Step:
         """The same step for a subset `idx` (b',) of its rows (e.g. the rows that did not exit)."""
-        ip = self.input_pos[idx] if self.input_pos.dim() == 2 else self.input_pos
         rows = idx if self.rows is None else self.rows[idx]
-        if self.seqlens is None:
-            return Step(ip, self.cos[idx], self.sin[idx], self.mask[idx], self.kv_len, self.gemv, rows)
-        return Step(ip, self.cos[idx], self.sin[idx], None, self.kv_len, self.gemv, rows,
-                    self.seqlens[idx], self.leftpad[idx], rows.to(torch.int32))
+        per_row = {f.name: getattr(self, f.name)[idx] for f in fields(self)
+                   if f.name in ("cos", "sin", "mask", "seqlens", "leftpad") or f.name.startswith("fill_")
+                   if getattr(self, f.name) is not None}
+        ip = self.input_pos[idx] if self.input_pos.dim() == 2 else self.input_pos
+        bi = None if self.seqlens is None else rows.to(torch.int32)
+        return replace(self, input_pos=ip, rows=rows, batch_idx=bi, _on={}, **per_row)
 
 
 def layer_devices(net: Transformer) -> torch.device | list[torch.device]:
@@ -183,9 +193,21 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(a.dim, self.q_size + 2 * self.kv_size, bias=a.qkv_bias)
         self.wo = nn.Linear(self.q_size, a.dim, bias=a.o_bias)
 
-    def forward(self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor):
+    def forward(self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                fill: torch.Tensor | None = None):
+        """x (B, T, D) normed; fill (B, P, D): the step's deferred-fill states, normed by this layer."""
         B, T, _ = x.shape
-        q, k, v = linear(x, self.wqkv, step.gemv).split([self.q_size, self.kv_size, self.kv_size], -1)
+        if fill is not None and not step.gemv:  # one product for the new tokens and the fill columns
+            qkv = linear(torch.cat([x, fill], 1), self.wqkv, False)  # (B, T + P, q + 2kv)
+            self._write_fill(qkv[:, T:, self.q_size:], step, k_cache, v_cache)
+            qkv = qkv[:, :T]
+        else:
+            qkv = linear(x, self.wqkv, step.gemv)
+            if fill is not None:  # compiled decode: the gemv serves one column; the fill is a matmul
+                w, b = self.wqkv.weight[self.q_size:], self.wqkv.bias
+                self._write_fill(F.linear(fill, w, None if b is None else b[self.q_size:]), step,
+                                 k_cache, v_cache)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), step.cos, step.sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
@@ -205,6 +227,16 @@ class Attention(nn.Module):
             enable_gqa=self.n_heads != self.n_kv_heads,
         )  # (B, H, T, hd)
         return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo, step.gemv)
+
+
+    def _write_fill(self, kv: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """Write the deferred-fill columns' K/V, kv (b, P, 2kv), at their rows and slots."""
+        b, P, _ = kv.shape
+        k, v = kv.split(self.kv_size, -1)
+        k = apply_rope(k.reshape(b, P, self.n_kv_heads, self.head_dim), step.fill_cos, step.fill_sin)
+        fill_step = Step(step.fill_pos, step.fill_cos, step.fill_sin, None, None, rows=step.rows)
+        cache_write(k_cache, k, fill_step)
+        cache_write(v_cache, v.reshape(b, P, self.n_kv_heads, self.head_dim), fill_step)
 
 
 class FeedForward(nn.Module):
@@ -228,7 +260,8 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(a)
 
     def forward(self, h, step: Step, k_cache, v_cache):
-        h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache)
+        fill = None if step.fill_h is None else self.attention_norm(step.fill_h)  # (b, P, D)
+        h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache, fill)
         return h + self.feed_forward(self.ffn_norm(h), step.gemv)
 
 
@@ -283,6 +316,13 @@ class Transformer(nn.Module):
         """Final norm + LM head: (B, T, D) -> (B, T, V) logits."""
         return linear(self.norm(h), self.output, gemv)
 
+    def rope_rows(self, slots: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE cos, sin (B, T, 1, hd) of cache slots (B or 1, T) in rows left-padded by pad (B,):
+        a slot's position is slot - pad (padding slots clamp to position 0)."""
+        pos = (slots - pad[:, None]).clamp_(0, self.rope_cos.shape[0] - 1)  # (B, T)
+        dt = self.tok_embeddings.weight.dtype
+        return self.rope_cos[pos].to(dt)[:, :, None, :], self.rope_sin[pos].to(dt)[:, :, None, :]
+
     def make_step(self, input_pos: torch.Tensor, pad: torch.Tensor, n_slots: int,
                   kv_len: int | None = None, gemv: bool = False, rows: torch.Tensor | None = None) -> Step:
         """Positions, RoPE and mask for queries at cache slots `input_pos` (T,) or (B, T) per row.
@@ -295,10 +335,7 @@ class Transformer(nn.Module):
         query attends to nothing (zeros): its values are never read by a real token either way.
         """
         ip = input_pos if input_pos.dim() == 2 else input_pos[None, :]  # (B or 1, T)
-        pos = (ip - pad[:, None]).clamp_(0, self.rope_cos.shape[0] - 1)  # (B, T)
-        dt = self.tok_embeddings.weight.dtype
-        cos = self.rope_cos[pos].to(dt)[:, :, None, :]  # (B, T, 1, hd)
-        sin = self.rope_sin[pos].to(dt)[:, :, None, :]
+        cos, sin = self.rope_rows(ip, pad)
         if self.attn_impl == "flash" and input_pos.dim() == 1 and not torch.is_grad_enabled():
             # one run of slots per row, ending at input_pos[-1]; no backward in flash_attn_with_kvcache
             b = pad.shape[0]

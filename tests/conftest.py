@@ -68,6 +68,27 @@ def make_tiny_checkpoint(path, *, n_layers=3, n_heads=4, n_kv_heads=2, tie=True,
     return hf
 
 
+def make_model4(tmp_path_factory, name: str = "tiny4"):
+    """Four layers, so tokens can exit at 1, 2 or 3 and differ from row to row."""
+    import cee_gen
+
+    path = tmp_path_factory.mktemp(name)
+    make_tiny_checkpoint(path, n_layers=4, seed=3)
+    return cee_gen.load_model(str(path), dtype="float32", device="cpu")
+
+
+def make_random_policy_file(model, tmp_path_factory) -> str:
+    """Exit heads with random adapters and policies at layers 1..3 of make_model4's model."""
+    from cee_gen.exits.heads import ExitHeads
+
+    torch.manual_seed(1)
+    h = ExitHeads(model.net, [1, 2, 3], adapter_rank=4, policy="linear")
+    with torch.no_grad():
+        for p in h.parameters():
+            p.normal_(0, 0.5)
+    return str(h.save(tmp_path_factory.mktemp("heads") / "h.safetensors", base_name="tiny4"))
+
+
 def full_logits(net, tokens):
     """Full-depth fp32 logits (B, T, V) of our Transformer on tokens (B, T), no padding."""
     from cee_gen.cache import StaticKVCache

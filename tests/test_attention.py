@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_model4
 
 import cee_gen
 from cee_gen import ExitConfig
@@ -87,9 +87,7 @@ def test_attn_kvcache_op_passes_opcheck():
 
 @pytest.fixture(scope="module")
 def model4(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny4-attn")
-    make_tiny_checkpoint(path, n_layers=4, seed=3)
-    return cee_gen.load_model(str(path), dtype="float32", device="cpu")
+    return make_model4(tmp_path_factory, "tiny4-attn")
 
 
 @pytest.fixture

@@ -243,8 +243,9 @@ def test_gpu_suite_runs_in_a_tiny_shape_on_the_cpu_and_labels_its_records(tmp_pa
     assert {r["kind"] for r in recs} == {"bandwidth", "decode", "kv_fill", "early_exit"}
     assert all(r["weights"] == "random (real shapes)" and r["device"] == "cpu" for r in recs)
     assert all(r["kernel"] is False for r in recs if r["kind"] == "kv_fill")
-    plans = {r["plan"]: r for r in recs if r["kind"] == "early_exit"}
-    assert plans["full"]["mean_layers"] == 4 and plans["static k=2"]["ideal_speedup"] == 2.0
-    assert "policy t=0.15" in plans  # replayed from the committed journal, scaled to 4 layers
+    plans = {(r["plan"], r["fill_timing"]): r for r in recs if r["kind"] == "early_exit"}
+    assert plans["full", None]["mean_layers"] == 4 and plans["static k=2", "deferred"]["ideal_speedup"] == 2.0
+    assert ("static k=2", "eager") in plans
+    assert ("policy t=0.15", "deferred") in plans  # replayed from the committed journal, scaled to 4 layers
     nums = [v for r in recs for v in r.values() if isinstance(v, float)]
     assert nums and all(math.isfinite(v) and v >= 0 for v in nums)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_model4, make_random_policy_file, make_tiny_checkpoint
 
 import cee_gen
 from cee_gen import ExitConfig
@@ -19,20 +19,12 @@ PROMPTS = ["the quick brown fox", "give three tips", "a b c d e f", "z"]
 
 @pytest.fixture(scope="module")
 def model4(tmp_path_factory):
-    """Four layers, so tokens can exit at 1, 2 or 3 and differ from row to row."""
-    path = tmp_path_factory.mktemp("tiny4")
-    make_tiny_checkpoint(path, n_layers=4, seed=3)
-    return cee_gen.load_model(str(path), dtype="float32", device="cpu")
+    return make_model4(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
 def policy_file(model4, tmp_path_factory):
-    torch.manual_seed(1)
-    h = ExitHeads(model4.net, [1, 2, 3], adapter_rank=4, policy="linear")
-    with torch.no_grad():
-        for p in h.parameters():
-            p.normal_(0, 0.5)
-    return str(h.save(tmp_path_factory.mktemp("heads") / "h.safetensors", base_name="tiny4"))
+    return make_random_policy_file(model4, tmp_path_factory)
 
 
 def _all_strategies(policy_file):
