@@ -89,6 +89,17 @@ def make_random_policy_file(model, tmp_path_factory) -> str:
     return str(h.save(tmp_path_factory.mktemp("heads") / "h.safetensors", base_name="tiny4"))
 
 
+@pytest.fixture(scope="module")
+def model4(tmp_path_factory):
+    """make_model4's model, one per test module."""
+    return make_model4(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def policy_file(model4, tmp_path_factory):
+    return make_random_policy_file(model4, tmp_path_factory)
+
+
 def full_logits(net, tokens):
     """Full-depth fp32 logits (B, T, V) of our Transformer on tokens (B, T), no padding."""
     from cee_gen.cache import StaticKVCache

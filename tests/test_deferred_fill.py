@@ -5,10 +5,11 @@ computation: the same tokens and exit layers, the same cache values once a deepe
 layer, nothing written before, and nothing but the scratch slot written by padding columns.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
-from conftest import make_model4, make_random_policy_file
-from test_early_exit import PROMPTS, _ids
+from test_early_exit import PROMPTS, _all_strategies, _ids
 from test_kv_fill import _expected_kv
 
 import cee_gen
@@ -19,39 +20,22 @@ from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Static
 
 
-@pytest.fixture(scope="module")
-def model4(tmp_path_factory):
-    return make_model4(tmp_path_factory, "tiny4-deferred")
-
-
-@pytest.fixture(scope="module")
-def policy_file(model4, tmp_path_factory):
-    return make_random_policy_file(model4, tmp_path_factory)
-
-
 def _propagate_strategies(policy_file):
-    return [
-        dict(strategy="policy", heads=policy_file),
-        dict(strategy="confidence", threshold=0.5),
-        dict(strategy="entropy", threshold=0.5),
-        dict(strategy="patience", patience=1),
-        dict(strategy="saturation", threshold=0.5),
-        dict(strategy="hash", hash_method="random"),
-        dict(strategy="hash", exit_layers="1,3"),
-        dict(strategy="static", exit_layer=2),
-    ]
+    """test_early_exit's strategies that fill with propagate, and static."""
+    return [ex for ex in _all_strategies(policy_file) if ex.fill == "propagate"] + [
+        ExitConfig(strategy="static", exit_layer=2)]
 
 
 @pytest.mark.parametrize("batch_size", [1, len(PROMPTS)])
 def test_deferred_fill_gives_the_eager_fills_tokens_and_exit_layers(model4, policy_file, batch_size):
-    for kw in _propagate_strategies(policy_file):
+    for ex in _propagate_strategies(policy_file):
         eager = cee_gen.generate(model4, PROMPTS, max_new_tokens=20, batch_size=batch_size,
-                                 exit=ExitConfig(**kw, fill_timing="eager"))
+                                 exit=replace(ex, fill_timing="eager"))
         deferred = cee_gen.generate(model4, PROMPTS, max_new_tokens=20, batch_size=batch_size,
-                                    exit=ExitConfig(**kw, fill_timing="deferred"))
-        assert _ids(deferred) == _ids(eager), kw
+                                    exit=replace(ex, fill_timing="deferred"))
+        assert _ids(deferred) == _ids(eager), ex
         assert ([r.stats["layers_per_token"] for r in deferred]
-                == [r.stats["layers_per_token"] for r in eager]), kw
+                == [r.stats["layers_per_token"] for r in eager]), ex
         assert deferred[0].stats["fill_timing"] == "deferred" and eager[0].stats["fill_timing"] == "eager"
         assert deferred[0].stats["fill_s"] == 0  # the fill runs inside the layers
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model4, make_random_policy_file, make_tiny_checkpoint
+from conftest import make_tiny_checkpoint
 
 import cee_gen
 from cee_gen import ExitConfig
@@ -15,16 +15,6 @@ from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Static
 
 PROMPTS = ["the quick brown fox", "give three tips", "a b c d e f", "z"]
-
-
-@pytest.fixture(scope="module")
-def model4(tmp_path_factory):
-    return make_model4(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def policy_file(model4, tmp_path_factory):
-    return make_random_policy_file(model4, tmp_path_factory)
 
 
 def _all_strategies(policy_file):
