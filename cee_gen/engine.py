@@ -172,8 +172,9 @@ def _batch_dynamic(*ts) -> None:
             torch._dynamo.maybe_mark_dynamic(t, 0)
 
 
-def _step_dynamic(step) -> None:
-    _batch_dynamic(step.cos, step.sin, step.mask, step.rows, step.seqlens, step.leftpad, step.batch_idx,
+def _rows_dynamic(h: torch.Tensor, step) -> None:
+    """_batch_dynamic for the exit step's hidden states and every per-row tensor of its step."""
+    _batch_dynamic(h, step.cos, step.sin, step.mask, step.rows, step.seqlens, step.leftpad, step.batch_idx,
                    step.fill_h, step.fill_pos, step.fill_cos, step.fill_sin,
                    step.input_pos if step.input_pos.dim() == 2 else None)
 
@@ -325,8 +326,7 @@ class Decoder:
         step = net.make_step(torch.tensor([slot], device=dev), padr, n_slots, kv_len, self.compiled,
                              rows=None if len(alive) == B else rows)
         if self.compiled:
-            _batch_dynamic(h)
-            _step_dynamic(step)
+            _rows_dynamic(h, step)
         slots = None  # recompute: per-row slots (b, Q) of the queries (scratch = padding)
         extra = [0] * len(host_rows)  # recompute: real pending columns each running row carries
         plan = strat.plan([tok_ids[r] for r in host_rows]) if strat.planned else None
@@ -406,8 +406,7 @@ class Decoder:
             kt = torch.tensor(keep, device=dev)
             h, rows, padr, step = h[kt], rows[kt], padr[kt], step.select(kt)
             if self.compiled:
-                _batch_dynamic(h)
-                _step_dynamic(step)
+                _rows_dynamic(h, step)
             host_rows = [host_rows[i] for i in keep]
             extra = [extra[i] for i in keep]
             if plan is not None:
@@ -502,13 +501,13 @@ def generate_batch(
     small = exit.small if exit is not None else None
     recompute = exit is not None and exit.kv_fill == "recompute" and small is None
     defer = exit is not None and exit.defer and small is None and not recompute
-    # recompute and the cascade's catch-up pad their extra queries, and a deferred fill its columns,
-    # to a scratch slot past every real one
-    scratch = int(recompute or small is not None or defer)
-    n_slots = min(cache_slots(T + n_new + scratch), net.args.max_position_embeddings + scratch)
     # One depth for every token (full; static when compiled): the plain step. Else the exit step.
     uniform = L if exit is None or exit.strategy.name == "full" else (
         exit.uniform_depth if decoder.compiled else None)
+    # recompute and the cascade's catch-up pad their extra queries, and the exit step's deferred fill
+    # its columns, to a scratch slot past every real one (the plain step has no fill to defer)
+    scratch = int(recompute or small is not None or (defer and uniform is None))
+    n_slots = min(cache_slots(T + n_new + scratch), net.args.max_position_embeddings + scratch)
     if decoder.compiled and small is not None:
         raise CeeGenError("compile does not work with a cascade over a second checkpoint (two models, "
                           "each with its own catch-up shapes): drop --compile")
@@ -568,7 +567,7 @@ def generate_batch(
         alive = [b for b in range(B) if not done[b]]  # finished rows cost nothing in the exit steps
         if uniform is not None:
             logits = decoder.step(cache, nxt[:, None], T + i, pad, uniform,
-                                  None if defer else exit.kv_fill if exit else "propagate")
+                                  None if defer or exit is None else exit.kv_fill)
         elif small is not None:
             seq[:, T + i] = nxt
             logits, last_depth = decoder.cascade_step(cache, small_cache, seq, T + i, pad, alive, exit,

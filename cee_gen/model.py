@@ -119,9 +119,8 @@ class Step:
     def select(self, idx: torch.Tensor) -> Step:
         """The same step for a subset `idx` (b',) of its rows (e.g. the rows that did not exit)."""
         rows = idx if self.rows is None else self.rows[idx]
-        per_row = {f.name: getattr(self, f.name)[idx] for f in fields(self)
-                   if f.name in ("cos", "sin", "mask", "seqlens", "leftpad") or f.name.startswith("fill_")
-                   if getattr(self, f.name) is not None}
+        names = ("cos", "sin", "mask", "seqlens", "leftpad", "fill_h", "fill_pos", "fill_cos", "fill_sin")
+        per_row = {n: getattr(self, n)[idx] for n in names if getattr(self, n) is not None}
         ip = self.input_pos[idx] if self.input_pos.dim() == 2 else self.input_pos
         bi = None if self.seqlens is None else rows.to(torch.int32)
         return replace(self, input_pos=ip, rows=rows, batch_idx=bi, _on={}, **per_row)
@@ -227,7 +226,6 @@ class Attention(nn.Module):
             enable_gqa=self.n_heads != self.n_kv_heads,
         )  # (B, H, T, hd)
         return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo, step.gemv)
-
 
     def _write_fill(self, kv: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor):
         """Write the deferred-fill columns' K/V, kv (b, P, 2kv), at their rows and slots."""
