@@ -201,8 +201,9 @@ def early_exit_records(net, depths: dict[str, list[int]], clock: Clock, repeats:
     Each plan runs twice: with the eager fill (the plain step at that depth, then one kv_fill op:
     the CUDA kernel when built), and with the deferred fill (the exit step, whose next deeper
     tokens write the skipped K/V in their own layers' projections)."""
-    from cee_gen.engine import BatchTimings, Decoder, ExitRun, _Deferred
+    from cee_gen.engine import BatchTimings, Decoder, ExitRun, ExitStep
     from cee_gen.exits.heads import ExitHeads
+    from cee_gen.kv_fill import DeferredFill
 
     a, dev = net.args, net.tok_embeddings.weight.device
     L = a.n_layers
@@ -219,10 +220,11 @@ def early_exit_records(net, depths: dict[str, list[int]], clock: Clock, repeats:
             for t, d in enumerate(seq):
                 dec.step(cache, tok, prompt + t, pad, depth=None if d >= L else d)
             return
-        run_ = ExitRun(Replay(seq, L), heads, "propagate", defer=True)
-        deferred = _Deferred(net, 1, n_slots, pad)
+        run_ = ExitRun(Replay(seq, L), heads, "propagate", deferred=True)
+        tm = BatchTimings()
+        step = ExitStep(dec, run_, DeferredFill(net, 1, n_slots, pad), tm)
         for t in range(len(seq)):
-            dec.exit_step(cache, tok, [0], prompt + t, pad, [0], run_, BatchTimings(), None, deferred)
+            step(cache, tok, [0], prompt + t, pad, [0])
 
     plans = {("full", "eager"): [L] * n}
     for k, seq in depths.items():

@@ -80,14 +80,14 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import cee_gen
-    from cee_gen.config import TrainConfig
+    from cee_gen.train.config import TrainConfig
     from cee_gen.exits.heads import load_heads
     from cee_gen.train.trainer import prepare
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for path in args.heads:
         model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
-        heads = load_heads(path, model.net, model.name)  # merges its LoRA into this copy
+        heads = load_heads(path, model)  # merges its LoRA into this copy
         seqs = prepare(model, TrainConfig(out="-", dataset=args.dataset, data_dir=args.data_dir,
                                           template=args.template, max_examples=args.n,
                                           max_seq_tokens=args.max_seq_tokens), split=args.split)

@@ -43,7 +43,7 @@ def main(argv=None) -> None:
     from cee_gen import data
     from cee_gen.bench.metrics import rouge_f, token_agreement
     from cee_gen.config import ExitConfig
-    from cee_gen.generate import exit_histogram
+    from cee_gen.engine import exit_histogram
 
     base = cee_gen.load_model(args.model, dtype="float32", device="cpu")
     model = cee_gen.load_model(args.model, dtype="float32", device="cpu")  # gets the heads' LoRA

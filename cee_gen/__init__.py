@@ -3,7 +3,7 @@
 from cee_gen.config import ExitConfig, GenerationConfig, LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError
 from cee_gen.generate import GenerationResult, generate
-from cee_gen.loading import Model, load_model
+from cee_gen.weights.loading import Model, load_model
 
 __version__ = "0.1.0"
 __all__ = ["generate", "load_model", "GenerationConfig", "LoadConfig", "ExitConfig", "GenerationResult",

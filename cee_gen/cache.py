@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from cee_gen.model import ModelArgs
+from cee_gen.model import ModelArgs, Transformer, layer_devices
 
 
 class StaticKVCache:
@@ -26,6 +26,11 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in devs]
         self.filled = [0] * args.n_layers  # host-side ints: no device sync to read them
         self.batch, self.n_slots = batch, n_slots
+
+    @classmethod
+    def for_net(cls, net: Transformer, batch: int, n_slots: int) -> StaticKVCache:
+        """A cache for `net` in its dtype, each layer's K/V on that layer's device."""
+        return cls(net.args, batch, n_slots, net.tok_embeddings.weight.dtype, layer_devices(net))
 
     def advance(self, lo: int, hi: int, n: int) -> None:
         """Record that layers [lo, hi) now hold n more slots."""

@@ -199,7 +199,7 @@ def _colour(depth: int, n_layers: int) -> int:
 
 def show_exits(model, res) -> tuple[str, str]:
     """The generated text with each token coloured by its exit depth, and a histogram of exit layers."""
-    from cee_gen.generate import exit_histogram
+    from cee_gen.engine import exit_histogram
 
     tok, L = model.tokenizer, model.n_layers
     ids, depth = res.token_ids, res.stats["layers_per_token"]

@@ -3,11 +3,13 @@
 One place for each setting: the CLI builds its flags from these fields (name, type, default and the
 `help` text in the field metadata), and `generate()` takes the same names as keyword arguments, so a
 flag and an API argument never drift apart (gpt-fast passed 14 positional arguments; we do not).
+Each option list is defined here once and checked once, by `check_choices` from the fields'
+`choices`. `cee-train` and `cee-bench` keep their settings beside their code (train/config.py,
+bench/config.py), built the same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 
@@ -25,8 +27,21 @@ HASH_METHODS = ("frequency", "random")
 DEFAULT_THRESHOLDS = {"policy": 0.5, "confidence": 0.9, "entropy": 0.1, "saturation": 0.975, "cascade": 0.9}
 
 
-def _f(default, help: str, **kw):
+def field_help(default, help: str, **kw):
+    """A config field with its CLI help text and options (choices, flag, repeat, label)."""
     return field(default=default, metadata={"help": help, **kw})
+
+
+_f = field_help
+
+
+def check_choices(cfg) -> None:
+    """Every field of `cfg` with `choices` holds one of them (None is "unset" where allowed)."""
+    for f in fields(cfg):
+        options, v = f.metadata.get("choices"), getattr(cfg, f.name)
+        if options is not None and v is not None and v not in options:
+            raise CeeGenError(f"unknown {f.metadata.get('label', f.name)} {v!r}: use one of "
+                              f"{', '.join(options)}")
 
 
 @dataclass
@@ -52,12 +67,7 @@ class LoadConfig:
                                 "embeddings, LM head and exit heads stay on the first device")
 
     def validate(self) -> LoadConfig:
-        if self.dtype not in DTYPES:
-            raise CeeGenError(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if self.quantize not in QUANTIZE:
-            raise CeeGenError(f"unknown quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}")
-        if self.attention not in ATTENTION:
-            raise CeeGenError(f"unknown attention {self.attention!r}: use one of {', '.join(ATTENTION)}")
+        check_choices(self)
         if self.device_map is not None and self.quantize != "none":
             raise CeeGenError("quantize with a device map is not supported: quantize to fit one GPU "
                               "(drop --device-map), or split the full-precision model (drop --quantize)")
@@ -87,10 +97,9 @@ class GenerationConfig:
         def bad(msg):
             raise CeeGenError(msg)
 
+        check_choices(self)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
-        if self.compile_mode not in COMPILE_MODES:
-            bad(f"unknown compile_mode {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             bad(f"batch_size must be a positive integer, got {self.batch_size!r}")
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -135,7 +144,7 @@ class ExitConfig:
                        "layers), policy (ConsistentEE policy heads, needs --heads), confidence (max "
                        "probability), entropy (DeeBERT), patience (PABEE), saturation (CALM), hash "
                        "(HashEE), cascade (CascadeBERT: first --exit-layer layers as the small model)",
-                       choices=EXIT_STRATEGIES, flag="--exit")
+                       choices=EXIT_STRATEGIES, flag="--exit", label="exit strategy")
     exit_layer: int | None = _f(None, "static: layers every token runs; cascade: the small model's "
                                 "layers (1..L-1)")
     threshold: float | None = _f(None, "exit threshold: policy p(exit) >= t (default 0.5), confidence "
@@ -170,13 +179,8 @@ class ExitConfig:
         def bad(msg):
             raise CeeGenError(msg)
 
+        check_choices(self)
         s, L = self.strategy, n_layers
-        if s not in EXIT_STRATEGIES:
-            bad(f"unknown exit strategy {s!r}: use one of {', '.join(EXIT_STRATEGIES)}")
-        if self.kv_fill is not None and self.kv_fill not in KV_FILL_MODES:
-            bad(f"unknown kv_fill {self.kv_fill!r}: use one of {', '.join(KV_FILL_MODES)}")
-        if self.hash_method not in HASH_METHODS:
-            bad(f"unknown hash_method {self.hash_method!r}: use one of {', '.join(HASH_METHODS)}")
         if self.cascade_model is not None and s != "cascade":
             bad(f"cascade_model is for the cascade strategy, not {s}")
         if s == "cascade" and self.cascade_model is not None:
@@ -194,8 +198,6 @@ class ExitConfig:
         elif self.exit_layer is not None:
             bad(f"exit_layer is for the static and cascade strategies, not {s}: use exit_layers "
                 "(--exit-layers) to choose candidate layers")
-        if self.fill_timing not in FILL_TIMINGS:
-            bad(f"unknown fill_timing {self.fill_timing!r}: use one of {', '.join(FILL_TIMINGS)}")
         if self.fill_timing == "deferred" and self.fill != "propagate":
             bad(f"fill_timing deferred is a way to run kv_fill propagate, not {self.fill}: use "
                 "--kv-fill propagate, or drop --fill-timing")
@@ -261,238 +263,3 @@ class ExitConfig:
             raise CeeGenError(f"exit layers {missing} have no exit heads (the heads file covers "
                               f"{available}): choose exit_layers among those")
         return [x for x in want if x >= self.min_exit_layer]
-
-
-TRAIN_STAGES = ("1", "2", "3")
-EXPLORE = ("greedy", "bernoulli")
-TARGETS = ("gold", "self")
-WEIGHTINGS = ("depth", "cosee")
-ADAPTER_INITS = ("regression", "zero")
-MIXED_PRECISION = ("no", "bf16", "fp16")
-
-
-@dataclass
-class TrainConfig:
-    """`cee-train`: ConsistentEE's stages over a frozen base model (cee_gen/train/trainer.py).
-
-    Every field is a `cee-train` flag (`adapter_rank` -> `--adapter-rank`).
-    """
-
-    model: str | None = _f(None, "base checkpoint (default: the embedded SmolLM2-135M-Instruct)")
-    out: str | None = _f(None, "heads file to write (.safetensors); required")
-    dataset: str = _f("alpaca", "training set: alpaca, dolly or cnndm (its train split)")
-    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, a "
-                              "checkout's ../shared/data, else the hub)")
-    template: str | None = _f(None, "prompt template: alpaca, cnndm or chat (default: the set's own)")
-    max_examples: int = _f(200, "training rows used (the first of the train split)")
-    max_seq_tokens: int = _f(256, "prompt + response tokens per example, at most (longer ones are cut)")
-    stages: str = _f("1,2,3", "stages to run: 1 (exit heads), 2 (policy, REINFORCE), 3 (heads at the "
-                     "policy's exits)")
-    exit_layers: str | None = _f(None, "candidate exit layers: all, every:K or a list (default: all)")
-    adapter_rank: int = _f(64, "rank of each exit head's adapter (0: logit lens, nothing to train in "
-                           "stages 1 and 3)")
-    adapter_init: str = _f("regression", "how stage 1 starts the adapters: regression (a tuned lens in "
-                           "closed form: reduced-rank ridge regression of the last layer's normed state "
-                           "on each layer's) or zero (the logit lens)", choices=ADAPTER_INITS)
-    fit_examples: int = _f(128, "training rows whose states the regression start is fitted on")
-    lora_rank: int = _f(8, "rank of the backbone's LoRA, trained in stage 1 together with the heads so "
-                        "intermediate layers become predictive (exit-aware fine-tuning); shipped in the "
-                        "heads file, merged at load. 0: frozen backbone")
-    lora_targets: str = _f("q,v", "projections the LoRA adapts: a list of q, k, v, o, gate, up, down "
-                           "(q,v as the authors' CNN/DM run)")
-    lora_alpha: float = _f(16.0, "LoRA scale numerator: delta = (alpha / rank) B A")
-    lr_lora: float = _f(1e-3, "stage 1 learning rate of the LoRA factors")
-    layers_per_step: int = _f(4, "stage 1 with LoRA: candidate layers whose heads get a loss in a step "
-                              "(drawn anew each step, plus L; LayerSkip's rotating early-exit loss). "
-                              "0: all of them")
-    weighting: str = _f("depth", "stage 1 loss over layers: depth (sum_l l CE_l / sum_l l; PABEE, "
-                        "ConsistentEE) or cosee (COSEE's sample weighting toward each token's "
-                        "simulated exit layer)", choices=WEIGHTINGS)
-    cosee_beta: float = _f(10.0, "cosee: final sharpness beta of the weights (ramped up from 0)")
-    cosee_thresholds: int = _f(5, "cosee: random entropy thresholds per step")
-    cosee_osc: float = _f(0.1, "cosee: weight of COSEE's online signal calibration loss (a hinge that "
-                          "makes right predictions surer than wrong ones by the margin); 0: off")
-    cosee_margin: float = _f(0.3, "cosee: the calibration loss's margin in normalized entropy")
-    policy_examples: int | None = _f(None, "stages 2 and 3: training rows used (the first ones; default "
-                                     "all of them)")
-    init: str | None = _f(None, "start from this heads file (its LoRA, adapters and policies; same "
-                          "layers and ranks), e.g. to retrain only the policy: --init H --stages 2,3")
-    resume: bool = _f(False, "continue from <out>.ckpt, the checkpoint written after each finished "
-                      "stage (same config; the result equals an uninterrupted run)")
-    policy: str = _f("linear", "policy head: linear or mlp", choices=("linear", "mlp"))
-    policy_init_p: float = _f(0.05, "p(exit) of a new policy head before training (near 'never exit', "
-                              "so training starts from the full model)")
-    target: str = _f("gold", "exit heads learn the gold next token (gold) or the full model's own "
-                     "prediction (self)", choices=TARGETS)
-    epochs: int = _f(1, "epochs per stage")
-    batch_size: int = _f(4, "sequences per step")
-    lr_heads: float = _f(3e-4, "stage 1 learning rate")
-    lr_policy: float = _f(3e-4, "stage 2 learning rate")
-    lr_stage3: float = _f(3e-5, "stage 3 learning rate")
-    alpha: float = _f(0.02, "depth penalty of the reward R = -CE - alpha e (1 - m/L) (0 = the authors' "
-                      "released script)")
-    replicas: int = _f(4, "stage 2: rollouts per batch (the first never exits, as in the authors' code)")
-    explore: str = _f("greedy", "stage 2 actions: greedy (p >= 0.5, epsilon-random) or bernoulli "
-                      "(sampled from p)", choices=EXPLORE)
-    seed: int = _f(0, "random seed")
-    device: str = _f("auto", "auto (CUDA when available; under `accelerate launch`, each process's GPU) "
-                     "or cpu")
-    mixed_precision: str = _f("no", "autocast of the trained forward passes: no, bf16 or fp16 (fp16 needs "
-                              "CUDA; the weights stay fp32)", choices=MIXED_PRECISION)
-    grad_accum: int = _f(1, "batches whose gradients add up before each optimizer step")
-
-    def validate(self) -> TrainConfig:
-        def bad(msg):
-            raise CeeGenError(msg)
-
-        if not self.out:
-            bad("cee-train needs --out, the heads file to write")
-        stages = [s.strip() for s in self.stages.split(",") if s.strip()]
-        if not stages or any(s not in TRAIN_STAGES for s in stages):
-            bad(f"stages {self.stages!r}: use a list of 1, 2, 3, e.g. 1,2,3")
-        if self.device not in ("auto", "cpu"):
-            bad(f"device {self.device!r}: use auto or cpu (auto takes the GPU when there is one; choose "
-                "GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
-        if self.mixed_precision not in MIXED_PRECISION:
-            bad(f"mixed_precision {self.mixed_precision!r}: use one of {', '.join(MIXED_PRECISION)}")
-        if self.mixed_precision == "fp16":
-            import torch
-
-            if not torch.cuda.is_available():
-                bad("mixed_precision fp16 needs a CUDA GPU: use bf16 (CPU autocast) or no")
-        for name in ("max_examples", "max_seq_tokens", "epochs", "batch_size", "replicas", "fit_examples",
-                     "grad_accum"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                bad(f"{name} must be a positive integer, got {v!r}")
-        if self.replicas < 2 and "2" in stages:
-            bad("stage 2 needs replicas >= 2: the baseline is the replicas' mean reward")
-        if not isinstance(self.adapter_rank, int) or self.adapter_rank < 0:
-            bad(f"adapter_rank must be an integer >= 0, got {self.adapter_rank!r}")
-        for name in ("lora_rank", "layers_per_step"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 0:
-                bad(f"{name} must be an integer >= 0, got {v!r}")
-        if self.lora_rank:
-            from cee_gen.lora import parse_targets
-
-            parse_targets(self.lora_targets)
-        if self.policy_examples is not None and (not isinstance(self.policy_examples, int)
-                                                 or self.policy_examples < 1):
-            bad(f"policy_examples must be a positive integer, got {self.policy_examples!r}")
-        if not isinstance(self.cosee_thresholds, int) or self.cosee_thresholds < 1:
-            bad(f"cosee_thresholds must be a positive integer, got {self.cosee_thresholds!r}")
-        if not isinstance(self.policy_init_p, (int, float)) or not 0 < self.policy_init_p < 1:
-            bad(f"policy_init_p must be in (0, 1), got {self.policy_init_p!r}")
-        for name in ("lr_heads", "lr_policy", "lr_stage3", "alpha", "lr_lora", "lora_alpha", "cosee_beta",
-                     "cosee_osc", "cosee_margin"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                bad(f"{name} must be a finite number >= 0, got {v!r}")
-        return self
-
-    @property
-    def stage_list(self) -> list[str]:
-        return [s.strip() for s in self.stages.split(",") if s.strip()]
-
-
-BENCH_PRESETS = {
-    # The CPU default: sized so the three sets finish in under an hour on a 2-core CPU (batch 1,
-    # every setting below on every row); the chat template the shipped heads were trained with.
-    "cpu": dict(limit=10, dev_limit=5, new_tokens=32, repetition_penalty=1.0, template="chat",
-                max_prompt_tokens=384),
-    # ConsistentEE's evaluation (methods.md §1.8): greedy, repetition penalty 1.2, 128 new tokens,
-    # the Alpaca and CNN/DM templates. Sized for a GPU.
-    "authors": dict(limit=100, dev_limit=50, new_tokens=128, repetition_penalty=1.2, template="own",
-                    max_prompt_tokens=1024),
-    # The CI smoke test: a few rows, a few tokens, one setting per strategy family.
-    "quick": dict(limit=2, dev_limit=2, new_tokens=6, repetition_penalty=1.0, template="chat",
-                  max_prompt_tokens=128),
-}
-CALIBRATION_TARGETS = ("rougeL_drop", "agreement")
-
-
-@dataclass
-class BenchConfig:
-    """`cee-bench`: datasets x strategies x thresholds on one model with one heads file
-    (cee_gen/bench/suite.py). Every field is a flag (`dev_limit` -> `--dev-limit`); fields left at
-    None take the preset's value."""
-
-    model: str | None = _f(None, "checkpoint folder, .gguf or hub id (default: the embedded SmolLM2)")
-    heads: str | None = _f(None, "exit-heads file every strategy uses (default: the heads shipped for "
-                           "the default model)")
-    preset: str = _f("cpu", "cpu (the three sets in under an hour on 2 CPU cores), authors "
-                     "(ConsistentEE's protocol: repetition penalty 1.2, 128 tokens, their templates) "
-                     "or quick (CI smoke test)", choices=tuple(BENCH_PRESETS))
-    datasets: str = _f("alpaca,dolly,cnndm", "comma-separated sets: alpaca, dolly, cnndm")
-    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, a "
-                              "checkout's ../shared/data, else the hub)")
-    limit: int | None = _f(None, "test rows per set (the first of the test split)")
-    dev_limit: int | None = _f(None, "dev rows per set for threshold calibration (0: no calibration)")
-    new_tokens: int | None = _f(None, "new tokens per prompt at most (EOS ends a row earlier)")
-    repetition_penalty: float | None = _f(None, "repetition penalty (1.0 = off)")
-    template: str | None = _f(None, "prompt template: chat, or own (each set's: alpaca for Alpaca and "
-                              "Dolly, cnndm for CNN/DM)", choices=("chat", "own"))
-    max_prompt_tokens: int | None = _f(None, "prompt length limit (the article or input is cut)")
-    strategies: str | None = _f(None, "strategy families to run, comma-separated (default: all of "
-                                "them; see cee_gen/bench/suite.py: grid)")
-    hf: bool = _f(True, "run HF transformers generate on the same prompts and weights, as a baseline",
-                  flag="--no-hf", negate=True)
-    base: bool = _f(True, "run the original model (without the heads file's LoRA) at full depth",
-                    flag="--no-base", negate=True)
-    targets: str = _f("rougeL_drop:1,agreement:0.9", "calibration targets on dev: rougeL_drop:X "
-                      "(ROUGE-L at most X points below full depth) and/or agreement:A (token "
-                      "agreement with full depth >= A)")
-    repeats: int = _f(1, "timed runs per (setting, row); the median is kept (outputs must repeat)")
-    dtype: str = _f("float32", "weights and compute dtype", choices=DTYPES)
-    device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
-    out: str = _f("bench_results/bench.jsonl", "summary JSON lines; beside it <out>.rows.jsonl (every "
-                  "output, for resume), <out>.md and <out>_<set>.png")
-    fresh: bool = _f(False, "start over instead of resuming from <out>.rows.jsonl")
-    report_only: bool = _f(False, "only rebuild the summaries, tables and plots from <out>.rows.jsonl")
-
-    def resolved(self) -> BenchConfig:
-        """A copy with the preset's values filled in, validated."""
-        if self.preset not in BENCH_PRESETS:
-            raise CeeGenError(f"unknown preset {self.preset!r}: use one of {', '.join(BENCH_PRESETS)}")
-        p = BENCH_PRESETS[self.preset]
-        kw = {k: (p[k] if getattr(self, k) is None else getattr(self, k)) for k in p}
-        return dataclasses.replace(self, **kw).validate()
-
-    def validate(self) -> BenchConfig:
-        def bad(msg):
-            raise CeeGenError(msg)
-
-        for name in ("limit", "new_tokens", "max_prompt_tokens", "repeats"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                bad(f"{name} must be a positive integer, got {v!r}")
-        if self.dev_limit is not None and (not isinstance(self.dev_limit, int) or self.dev_limit < 0):
-            bad(f"dev_limit must be an integer >= 0, got {self.dev_limit!r}")
-        rp = self.repetition_penalty
-        if rp is not None and (not isinstance(rp, (int, float)) or not math.isfinite(rp) or rp <= 0):
-            bad(f"repetition_penalty must be a positive number, got {rp!r}")
-        if self.dtype not in DTYPES:
-            bad(f"unknown dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
-        if not [d for d in self.datasets.split(",") if d.strip()]:
-            bad("datasets is empty: give a comma-separated list, e.g. alpaca,dolly,cnndm")
-        self.target_list()
-        if not self.out:
-            bad("out must be a file path, e.g. --out results/bench.jsonl")
-        return self
-
-    def target_list(self) -> list[tuple[str, float]]:
-        out = []
-        for part in [p.strip() for p in self.targets.split(",") if p.strip()]:
-            name, _, val = part.partition(":")
-            try:
-                v = float(val)
-            except ValueError:
-                v = math.nan
-            if name not in CALIBRATION_TARGETS or not math.isfinite(v):
-                raise CeeGenError(f"calibration target {part!r}: use rougeL_drop:X or agreement:A, e.g. "
-                                  "rougeL_drop:1,agreement:0.9")
-            if name == "agreement" and not 0 <= v <= 1:
-                raise CeeGenError(f"calibration target {part!r}: agreement is a share in [0, 1]")
-            out.append((name, v))
-        return out

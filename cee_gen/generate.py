@@ -7,6 +7,7 @@
 
 Prompts are tokenized (through the chat template when the tokenizer has one, unless chat=False),
 split into batches of `batch_size`, left-padded and decoded by engine.generate_batch.
+`prepare_exit` turns an ExitConfig into what the engine runs (strategy, heads, fill).
 """
 
 from __future__ import annotations
@@ -18,14 +19,12 @@ from pathlib import Path
 
 import torch
 
-from cee_gen import placement
 from cee_gen.config import ExitConfig, GenerationConfig
-from cee_gen.engine import Decoder, ExitRun, generate_batch
+from cee_gen.engine import Decoder, ExitRun, exit_histogram, generate_batch
 from cee_gen.errors import CeeGenError
-from cee_gen.exits.heads import ExitHeads, load_heads
-from cee_gen.exits.strategies import make_strategy
-from cee_gen.loading import Model
-from cee_gen.quant import quantized
+from cee_gen.exits import ExitHeads, load_heads, make_strategy
+from cee_gen.weights import placement
+from cee_gen.weights.loading import Model
 
 
 @dataclass
@@ -63,7 +62,7 @@ def exit_heads(model: Model, path: str | None) -> ExitHeads:
     key = None if path is None else str(Path(path).expanduser().resolve())
     heads = model.exit_heads.get(key)
     if heads is None:
-        heads = ExitHeads.logit_lens(model.net) if path is None else load_heads(path, model.net, model.name)
+        heads = ExitHeads.logit_lens(model.net) if path is None else load_heads(path, model)
         model.exit_heads[key] = heads
     return heads
 
@@ -91,7 +90,7 @@ def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
 
     `policy` without heads uses the shipped trained heads of the default model. Heads files that
     carry LoRA deltas fine-tune `model` itself (merged once, cee_gen/lora.py): every later run on
-    this model object, `full` included, uses those weights; stats["weights"] says which."""
+    this model object, `full` included, uses those weights; stats["weights"] says which (model.weights)."""
     ex.validate(model.n_layers)
     if ex.strategy == "policy" and ex.heads is None:
         ex = dataclasses.replace(ex, heads=shipped_heads(model))
@@ -99,12 +98,12 @@ def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
     special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
     strat = make_strategy(ex, heads, model.args.vocab_size, special)
     small = None if ex.cascade_model is None else cascade_model(model, ex.cascade_model).net
-    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small, defer=ex.deferred)
+    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small, deferred=ex.deferred)
 
 
 def cascade_model(model: Model, path: str) -> Model:
     """The cascade's small model, loaded once, in the large model's dtype and device."""
-    from cee_gen.loading import load_model
+    from cee_gen.weights.loading import load_model
 
     small = model.cascade_models.get(path)
     if small is None:
@@ -194,8 +193,8 @@ def generate(
     if cfg.do_sample:
         generator = torch.Generator(device=model.device)
         generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    if cfg.compile and quantized(model.net):
-        raise CeeGenError(f"compile does not support {quantized(model.net)} (bitsandbytes) weights: drop "
+    if cfg.compile and model.weights.quantized:
+        raise CeeGenError(f"compile does not support {model.weights.quantized} (bitsandbytes) weights: drop "
                           "--compile or load with quantize none")
     decoder = _decoder(model, cfg.compile, cfg.compile_mode)
     results: list[GenerationResult] = []
@@ -228,8 +227,8 @@ def generate(
                     "mean_layers": (mean := sum(row.layers_per_token) / max(n, 1)),
                     "ideal_speedup": model.n_layers / mean if mean else 1.0,
                     "exit": ex.strategy,
-                    "weights": getattr(model.net, "merged_with", None) or "base",
-                    "quantize": quantized(model.net) or "none",
+                    "weights": model.weights.label,
+                    "quantize": model.weights.quantized or "none",
                     "attention": model.net.attn_impl,
                     "device_map": placement.describe(model.net),
                     "kv_fill": ex.fill if ex.strategy != "full" else None,
@@ -246,10 +245,3 @@ def generate(
             ))
     return results
 
-
-def exit_histogram(layers: list[int]) -> dict[int, int]:
-    """Exit layer -> number of tokens, sorted by layer."""
-    out: dict[int, int] = {}
-    for x in layers:
-        out[x] = out.get(x, 0) + 1
-    return dict(sorted(out.items()))

@@ -13,7 +13,7 @@ fp32, rotate-half RoPE layout), which tests/test_model_parity.py checks.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, is_dataclass
 
 import torch
 import torch.nn as nn
@@ -74,37 +74,44 @@ class ModelArgs:
 
 
 @dataclass
+class Sdpa:
+    """Attention through SDPA: which cache slots each query may attend to."""
+
+    mask: torch.Tensor  # (b, 1, T, S) bool
+    kv_len: int | None  # read cache slots [0, kv_len) only; None = the whole cache (compiled steps)
+
+    def select(self, idx: torch.Tensor, rows: torch.Tensor) -> Sdpa:
+        return Sdpa(self.mask[idx], self.kv_len)
+
+
+@dataclass
+class Flash:
+    """Attention through flash-attn (ops/flash.py): row r's queries are the slots up to seqlens[r] - 1
+    and attend from slot leftpad[r] on; batch_idx: the cache rows they belong to (None = all)."""
+
+    seqlens: torch.Tensor  # (b,) int32
+    leftpad: torch.Tensor  # (b,) int32
+    batch_idx: torch.Tensor | None = None  # (b,) int32
+
+    def select(self, idx: torch.Tensor, rows: torch.Tensor) -> Flash:
+        return Flash(self.seqlens[idx], self.leftpad[idx], rows.to(torch.int32))
+
+
+@dataclass
 class Step:
-    """What every layer of one forward step shares, computed once per step (not once per layer).
+    """Where one forward step's queries sit, computed once per step and shared by every layer.
 
-    Two layouts. The common one: every row writes the same slots (`input_pos` (T,)) and the batch is
-    the whole cache batch (`rows` None), so K/V are written with one `index_copy_`. The early-exit
-    one: a subset of the cache's rows runs (`rows` (b,), the rows still going deeper) and each row
-    may write its own slots (`input_pos` (b, T): `recompute` adds the row's pending positions).
-
-    Attention is SDPA over `mask`, or flash-attn (ops/flash.py) when `seqlens` is set: then each
-    row's queries are the slots up to seqlens - 1 and it attends from slot `leftpad` on.
-
-    Deferred KV fill (engine.py, `_Deferred`): `fill_h` holds exit states of earlier tokens of each
-    row whose K/V this layer has not got yet. The layer writes their K/V (its own RMSNorm, K/V
-    projection and RoPE, i.e. `propagate`) in the same projection as the new tokens' and does not
-    attend from them. Padding columns write the scratch slot, which no query reads.
+    Two layouts. The common one: every row writes the same slots (`slots` (T,)) and the batch is the
+    whole cache batch (`rows` None), so K/V are written with one `index_copy_`. The early-exit one: a
+    subset of the cache's rows runs (`rows` (b,), the rows still going deeper) and each row may write
+    its own slots (`slots` (b, T): recompute's waiting positions, the cascade's catch-up).
     """
 
-    input_pos: torch.Tensor  # (T,) cache slots written by this step, or (b, T) per row
-    cos: torch.Tensor  # (b, T, 1, hd)
+    slots: torch.Tensor  # (T,) cache slots written by this step, or (b, T) per row
+    cos: torch.Tensor  # (b, T, 1, hd): the queries' RoPE rows
     sin: torch.Tensor  # (b, T, 1, hd)
-    mask: torch.Tensor | None  # (b, 1, T, S) bool: which cache slots each query may attend to (SDPA)
-    kv_len: int | None  # attend to cache slots [0, kv_len); None = the whole cache
-    gemv: bool = False  # compiled decode: matmuls as fused multiply-sum (see `linear`)
+    attn: Sdpa | Flash
     rows: torch.Tensor | None = None  # (b,) cache rows these queries belong to; None = all, in order
-    seqlens: torch.Tensor | None = None  # flash: (b,) int32, one past each row's last query slot
-    leftpad: torch.Tensor | None = None  # flash: (b,) int32, each row's first real slot
-    batch_idx: torch.Tensor | None = None  # flash: `rows` as int32 (None = all rows)
-    fill_h: torch.Tensor | None = None  # deferred fill: (b, P, D) exit states to project at this layer
-    fill_pos: torch.Tensor | None = None  # (b, P) their cache slots
-    fill_cos: torch.Tensor | None = None  # (b, P, 1, hd) their RoPE rows
-    fill_sin: torch.Tensor | None = None
     _on: dict = field(default_factory=dict, repr=False, compare=False)  # copies on other devices
 
     def on(self, device: torch.device) -> Step:
@@ -112,18 +119,46 @@ class Step:
         if device == self.cos.device:
             return self
         if device not in self._on:
-            vals = (getattr(self, f.name) for f in fields(self) if f.name != "_on")
-            self._on[device] = Step(*(v.to(device) if torch.is_tensor(v) else v for v in vals))
+            self._on[device] = _to(self, device)
         return self._on[device]
 
     def select(self, idx: torch.Tensor) -> Step:
         """The same step for a subset `idx` (b',) of its rows (e.g. the rows that did not exit)."""
         rows = idx if self.rows is None else self.rows[idx]
-        names = ("cos", "sin", "mask", "seqlens", "leftpad", "fill_h", "fill_pos", "fill_cos", "fill_sin")
-        per_row = {n: getattr(self, n)[idx] for n in names if getattr(self, n) is not None}
-        ip = self.input_pos[idx] if self.input_pos.dim() == 2 else self.input_pos
-        bi = None if self.seqlens is None else rows.to(torch.int32)
-        return replace(self, input_pos=ip, rows=rows, batch_idx=bi, _on={}, **per_row)
+        slots = self.slots[idx] if self.slots.dim() == 2 else self.slots
+        return Step(slots, self.cos[idx], self.sin[idx], self.attn.select(idx, rows), rows)
+
+    def index(self, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b, 1) cache rows and (b, T) slots of the step's queries, for advanced indexing."""
+        rows = torch.arange(b, device=self.slots.device) if self.rows is None else self.rows
+        slots = self.slots if self.slots.dim() == 2 else self.slots.expand(b, T)
+        return rows[:, None], slots
+
+
+@dataclass
+class FillColumns:
+    """Earlier tokens' hidden states whose K/V a layer writes beside its own queries' K/V, attending
+    from none of them: the layer norms and projects them with its own weights (the deferred KV fill,
+    kv_fill/deferred.py). Padding columns write a scratch slot that no query reads."""
+
+    h: torch.Tensor  # (b, P, D)
+    slots: torch.Tensor  # (b, P) their cache slots
+    cos: torch.Tensor  # (b, P, 1, hd) their RoPE rows
+    sin: torch.Tensor
+
+    def to(self, device: torch.device) -> FillColumns:
+        return self if device == self.h.device else _to(self, device)
+
+
+def _to(obj, device: torch.device):
+    """A copy of a step dataclass with every tensor (nested ones too) on `device`."""
+    vals = {}
+    for f in fields(obj):
+        if f.name == "_on":
+            continue
+        v = getattr(obj, f.name)
+        vals[f.name] = v.to(device) if torch.is_tensor(v) else _to(v, device) if is_dataclass(v) else v
+    return type(obj)(**vals)
 
 
 def layer_devices(net: Transformer) -> torch.device | list[torch.device]:
@@ -133,42 +168,43 @@ def layer_devices(net: Transformer) -> torch.device | list[torch.device]:
     return [d for a, b, d in net.segments for _ in range(a, b)]
 
 
-def rows_slots(step: Step, b: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(b, 1) cache rows and (b, T) slots of the step's queries, for advanced indexing."""
-    rows = torch.arange(b, device=step.input_pos.device) if step.rows is None else step.rows
-    slots = step.input_pos if step.input_pos.dim() == 2 else step.input_pos.expand(b, T)
-    return rows[:, None], slots
-
-
-def cache_write(cache_t: torch.Tensor, x: torch.Tensor, step: Step) -> None:
-    """Write x (b, T, H_kv, hd) into one layer's cache (B, H_kv, S, hd) at the step's rows and slots."""
+def cache_write(cache_t: torch.Tensor, x: torch.Tensor, slots: torch.Tensor,
+                rows: torch.Tensor | None) -> None:
+    """Write x (b, T, H_kv, hd) into one layer's cache (B, H_kv, S, hd) at cache rows `rows` (b,)
+    (None = all, in order) and slots (T,) shared by every row or (b, T) per row."""
     x = x.to(cache_t.dtype)  # no-op, except under autocast (mixed-precision training)
-    if step.rows is None and step.input_pos.dim() == 1:
-        cache_t.index_copy_(2, step.input_pos, x.transpose(1, 2))  # all rows, same slots
+    if rows is None and slots.dim() == 1:
+        cache_t.index_copy_(2, slots, x.transpose(1, 2))  # all rows, same slots
         return
-    rows, slots = rows_slots(step, *x.shape[:2])
-    cache_t[rows, :, slots] = x  # (b, T) index pairs -> (b, T, H_kv, hd)
+    b, T = x.shape[:2]
+    r = torch.arange(b, device=slots.device) if rows is None else rows
+    cache_t[r[:, None], :, slots if slots.dim() == 2 else slots.expand(b, T)] = x  # (b, T) index pairs
 
 
 def cache_read(cache_t: torch.Tensor, step: Step) -> torch.Tensor:
     """The slots [0, kv_len) of the step's rows: (b, H_kv, S', hd); a view when all rows run."""
-    S = step.kv_len if step.kv_len is not None else cache_t.shape[2]
+    S = step.attn.kv_len if step.attn.kv_len is not None else cache_t.shape[2]
     t = cache_t[:, :, :S]
     return t if step.rows is None else t.index_select(0, step.rows)
 
 
-def linear(x: torch.Tensor, mod: nn.Linear, gemv: bool) -> torch.Tensor:
-    """mod(x), or, under torch.compile at decode time, the same product as a multiply-sum.
+def multiply_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ weight.T (+ bias) written as a multiply-sum: (..., 1, K) * (N, K) -> (..., N).
 
     At batch 1 a decode step is a matrix-vector product per weight, and reading the weights is all
     the time it takes. On AVX2 CPUs MKL's sgemv reads them at ~10 GB/s where plain reads reach ~23;
-    Inductor turns `(x * W).sum(-1)` into one fused vectorized pass over W that runs at ~23 GB/s
-    (README, "Speed"). Only for compiled code: eager would materialize x * W.
-    """
-    if not gemv or type(mod) is not nn.Linear:  # bitsandbytes modules (quant.py) compute their own
-        return mod(x)
-    y = (x.unsqueeze(-2) * mod.weight).sum(-1)  # (..., 1, K) * (N, K) -> (..., N)
-    return y if mod.bias is None else y + mod.bias
+    Inductor turns this into one fused vectorized pass over W that runs at ~23 GB/s (docs/speed.md).
+    Only for compiled code: eager would materialize x * W."""
+    y = (x.unsqueeze(-2) * weight).sum(-1)
+    return y if bias is None else y + bias
+
+
+def linear(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
+    """mod(x); under torch.compile, as a multiply-sum (`multiply_sum`) where mod is a plain Linear
+    (bitsandbytes modules, weights/quant.py, compute their own)."""
+    if type(mod) is nn.Linear and torch.compiler.is_compiling():
+        return multiply_sum(x, mod.weight, mod.bias)
+    return mod(x)
 
 
 class RMSNorm(nn.Module):
@@ -193,48 +229,49 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.q_size, a.dim, bias=a.o_bias)
 
     def forward(self, x: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                fill: torch.Tensor | None = None):
-        """x (B, T, D) normed; fill (B, P, D): the step's deferred-fill states, normed by this layer."""
+                fill: FillColumns | None = None, fill_x: torch.Tensor | None = None):
+        """x (B, T, D) normed; fill_x (B, P, D): the fill columns' states, normed by this layer."""
         B, T, _ = x.shape
-        if fill is not None and not step.gemv:  # one product for the new tokens and the fill columns
-            qkv = linear(torch.cat([x, fill], 1), self.wqkv, False)  # (B, T + P, q + 2kv)
-            self._write_fill(qkv[:, T:, self.q_size:], step, k_cache, v_cache)
+        if fill is not None and not torch.compiler.is_compiling():
+            qkv = linear(torch.cat([x, fill_x], 1), self.wqkv)  # (B, T + P, q + 2kv): one product
+            self._write_fill(qkv[:, T:, self.q_size:], fill, step.rows, k_cache, v_cache)
             qkv = qkv[:, :T]
         else:
-            qkv = linear(x, self.wqkv, step.gemv)
-            if fill is not None:  # compiled decode: the gemv serves one column; the fill is a matmul
+            qkv = linear(x, self.wqkv)
+            if fill is not None:  # compiled decode: the multiply-sum serves one column; the fill a matmul
                 w, b = self.wqkv.weight[self.q_size:], self.wqkv.bias
-                self._write_fill(F.linear(fill, w, None if b is None else b[self.q_size:]), step,
-                                 k_cache, v_cache)
+                self._write_fill(F.linear(fill_x, w, None if b is None else b[self.q_size:]), fill,
+                                 step.rows, k_cache, v_cache)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), step.cos, step.sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         # caches: (B, H_kv, S, hd), written by slot index, never grown with torch.cat
-        cache_write(k_cache, k, step)
-        cache_write(v_cache, v, step)
-        if step.seqlens is not None:  # flash-attn reads the cache as (B, S, H_kv, hd): a transposed view
-            y = ops.attn_kvcache(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), step.seqlens,
-                                 step.leftpad, step.batch_idx)  # (B, T, H, hd)
-            return linear(y.reshape(B, T, self.q_size), self.wo, step.gemv)
+        cache_write(k_cache, k, step.slots, step.rows)
+        cache_write(v_cache, v, step.slots, step.rows)
+        if isinstance(step.attn, Flash):  # flash-attn reads the cache as (B, S, H_kv, hd): a transposed view
+            fa = step.attn
+            y = ops.attn_kvcache(q, k_cache.transpose(1, 2), v_cache.transpose(1, 2), fa.seqlens,
+                                 fa.leftpad, fa.batch_idx)  # (B, T, H, hd)
+            return linear(y.reshape(B, T, self.q_size), self.wo)
         kc, vc = cache_read(k_cache, step), cache_read(v_cache, step)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2),  # (B, H, T, hd)
             kc,
             vc,
-            attn_mask=step.mask[..., :kc.shape[2]],
+            attn_mask=step.attn.mask[..., :kc.shape[2]],
             enable_gqa=self.n_heads != self.n_kv_heads,
         )  # (B, H, T, hd)
-        return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo, step.gemv)
+        return linear(y.transpose(1, 2).reshape(B, T, self.q_size), self.wo)
 
-    def _write_fill(self, kv: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor):
-        """Write the deferred-fill columns' K/V, kv (b, P, 2kv), at their rows and slots."""
+    def _write_fill(self, kv: torch.Tensor, fill: FillColumns, rows: torch.Tensor | None,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor):
+        """Write the fill columns' K/V, kv (b, P, 2kv), at their rows and slots."""
         b, P, _ = kv.shape
         k, v = kv.split(self.kv_size, -1)
-        k = apply_rope(k.reshape(b, P, self.n_kv_heads, self.head_dim), step.fill_cos, step.fill_sin)
-        fill_step = Step(step.fill_pos, step.fill_cos, step.fill_sin, None, None, rows=step.rows)
-        cache_write(k_cache, k, fill_step)
-        cache_write(v_cache, v.reshape(b, P, self.n_kv_heads, self.head_dim), fill_step)
+        k = apply_rope(k.reshape(b, P, self.n_kv_heads, self.head_dim), fill.cos, fill.sin)
+        cache_write(k_cache, k, fill.slots, rows)
+        cache_write(v_cache, v.reshape(b, P, self.n_kv_heads, self.head_dim), fill.slots, rows)
 
 
 class FeedForward(nn.Module):
@@ -244,9 +281,9 @@ class FeedForward(nn.Module):
         self.w13 = nn.Linear(a.dim, 2 * a.intermediate_size, bias=a.mlp_bias)  # gate | up
         self.w2 = nn.Linear(a.intermediate_size, a.dim, bias=a.mlp_bias)
 
-    def forward(self, x: torch.Tensor, gemv: bool = False) -> torch.Tensor:
-        gate, up = linear(x, self.w13, gemv).split(self.inter, dim=-1)
-        return linear(F.silu(gate) * up, self.w2, gemv)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = linear(x, self.w13).split(self.inter, dim=-1)
+        return linear(F.silu(gate) * up, self.w2)
 
 
 class Block(nn.Module):
@@ -257,17 +294,17 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
         self.feed_forward = FeedForward(a)
 
-    def forward(self, h, step: Step, k_cache, v_cache):
-        fill = None if step.fill_h is None else self.attention_norm(step.fill_h)  # (b, P, D)
-        h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache, fill)
-        return h + self.feed_forward(self.ffn_norm(h), step.gemv)
+    def forward(self, h, step: Step, k_cache, v_cache, fill: FillColumns | None = None):
+        fill_x = None if fill is None else self.attention_norm(fill.h)  # (b, P, D)
+        h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache, fill, fill_x)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
-def run_layer(block: Block, h: torch.Tensor, step: Step, k_cache: torch.Tensor,
-              v_cache: torch.Tensor) -> torch.Tensor:
+def run_layer(block: Block, h: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              fill: FillColumns | None = None) -> torch.Tensor:
     """One decoder layer. A free function of the block, so one compiled graph serves every layer
     (they differ only in weights): the compiled exit step compiles this, not each layer range."""
-    return block(h, step, k_cache, v_cache)
+    return block(h, step, k_cache, v_cache, fill)
 
 
 class Transformer(nn.Module):
@@ -289,30 +326,31 @@ class Transformer(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
-    def forward_layers(self, h: torch.Tensor, lo: int, hi: int, step: Step, cache,
-                       run=None) -> torch.Tensor:
-        """Run layers [lo, hi) on hidden states h (B, T, D); writes those layers' KV into `cache`.
+    def forward_layers(self, h: torch.Tensor, lo: int, hi: int, step: Step, cache, run=None,
+                       fill: FillColumns | None = None) -> torch.Tensor:
+        """Run layers [lo, hi) on hidden states h (B, T, D); writes those layers' KV into `cache`, and
+        the K/V of the `fill` columns, if any, at each of them.
 
-        `run(block, h, step, k_cache, v_cache)` runs one layer (default: the block itself; the
+        `run(block, h, step, k_cache, v_cache, fill)` runs one layer (default: the block itself; the
         compiled exit step passes a compiled copy of run_layer). With layers split across devices,
         h and the step move to each segment's device on the way, and h comes back to its own device
         (the home device) at the end."""
         run = run or run_layer
         if self.segments is None:
             for i in range(lo, hi):
-                h = run(self.layers[i], h, step, cache.k[i], cache.v[i])
+                h = run(self.layers[i], h, step, cache.k[i], cache.v[i], fill)
             return h
         home = h.device
         for a, b, dev in self.segments:
             if max(a, lo) < min(b, hi):
-                h, st = h.to(dev), step.on(dev)
+                h, st, fc = h.to(dev), step.on(dev), None if fill is None else fill.to(dev)
                 for i in range(max(a, lo), min(b, hi)):
-                    h = run(self.layers[i], h, st, cache.k[i], cache.v[i])
+                    h = run(self.layers[i], h, st, cache.k[i], cache.v[i], fc)
         return h.to(home)
 
-    def head(self, h: torch.Tensor, gemv: bool = False) -> torch.Tensor:
+    def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: (B, T, D) -> (B, T, V) logits."""
-        return linear(self.norm(h), self.output, gemv)
+        return linear(self.norm(h), self.output)
 
     def rope_rows(self, slots: torch.Tensor, pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """RoPE cos, sin (B, T, 1, hd) of cache slots (B or 1, T) in rows left-padded by pad (B,):
@@ -321,31 +359,31 @@ class Transformer(nn.Module):
         dt = self.tok_embeddings.weight.dtype
         return self.rope_cos[pos].to(dt)[:, :, None, :], self.rope_sin[pos].to(dt)[:, :, None, :]
 
-    def make_step(self, input_pos: torch.Tensor, pad: torch.Tensor, n_slots: int,
-                  kv_len: int | None = None, gemv: bool = False, rows: torch.Tensor | None = None) -> Step:
-        """Positions, RoPE and mask for queries at cache slots `input_pos` (T,) or (B, T) per row.
+    def make_step(self, slots: torch.Tensor, pad: torch.Tensor, n_slots: int, kv_len: int | None = None,
+                  rows: torch.Tensor | None = None) -> Step:
+        """Positions, RoPE and attention for queries at cache slots `slots` (T,) or (B, T) per row.
 
         Rows are left-padded: row b's real tokens start at slot pad[b] (B,), so its RoPE position is
         slot - pad[b] and it may attend to slots pad[b]..slot. A padding query attends to itself
         only, which keeps its (unused) values finite. `rows` (B,): which cache rows these are.
-        A 1-D input_pos is one run of slots (prefill: 0..T-1; decode: the new token's slot). With
+        A 1-D `slots` is one run of slots (prefill: 0..T-1; decode: the new token's slot). With
         flash attention such a step carries seqlens and leftpad instead of the mask, and a padding
         query attends to nothing (zeros): its values are never read by a real token either way.
         """
-        ip = input_pos if input_pos.dim() == 2 else input_pos[None, :]  # (B or 1, T)
+        ip = slots if slots.dim() == 2 else slots[None, :]  # (B or 1, T)
         cos, sin = self.rope_rows(ip, pad)
-        if self.attn_impl == "flash" and input_pos.dim() == 1 and not torch.is_grad_enabled():
-            # one run of slots per row, ending at input_pos[-1]; no backward in flash_attn_with_kvcache
+        if self.attn_impl == "flash" and slots.dim() == 1 and not torch.is_grad_enabled():
+            # one run of slots per row, ending at slots[-1]; no backward in flash_attn_with_kvcache
             b = pad.shape[0]
-            seqlens = (input_pos[-1:] + 1).to(torch.int32).expand(b).contiguous()  # (b,)
-            return Step(input_pos, cos, sin, None, kv_len, gemv, rows, seqlens, pad.to(torch.int32),
-                        None if rows is None else rows.to(torch.int32))
-        keys = torch.arange(n_slots, device=input_pos.device)  # (S,)
+            seqlens = (slots[-1:] + 1).to(torch.int32).expand(b).contiguous()  # (b,)
+            attn = Flash(seqlens, pad.to(torch.int32), None if rows is None else rows.to(torch.int32))
+            return Step(slots, cos, sin, attn, rows)
+        keys = torch.arange(n_slots, device=slots.device)  # (S,)
         q = ip[:, :, None]  # (B or 1, T, 1)
         mask = ((keys[None, None, :] >= pad[:, None, None]) & (keys <= q)) | (keys == q)  # (B, T, S)
-        return Step(input_pos, cos, sin, mask[:, None], kv_len, gemv, rows)
+        return Step(slots, cos, sin, Sdpa(mask[:, None], kv_len), rows)
 
     def forward(self, tokens: torch.Tensor, step: Step, cache) -> torch.Tensor:
         """Full depth: tokens (B, T) -> logits (B, T, V)."""
         h = self.forward_layers(self.embed(tokens), 0, self.args.n_layers, step, cache)
-        return self.head(h, step.gemv)
+        return self.head(h)

@@ -105,7 +105,7 @@ def full_logits(net, tokens):
     from cee_gen.cache import StaticKVCache
 
     B, T = tokens.shape
-    cache = StaticKVCache(net.args, B, T, torch.float32, "cpu")
+    cache = StaticKVCache.for_net(net, B, T)
     step = net.make_step(torch.arange(T), torch.zeros(B, dtype=torch.long), T, T)
     with torch.no_grad():
         return net(tokens, step, cache)
@@ -146,3 +146,95 @@ def default_model():
     import cee_gen
 
     return cee_gen.load_model(None, dtype="float32", device="cpu")
+
+
+# ---- shared by several test files (tests import helpers from here, never from each other) ---------
+
+PROMPTS = ["the quick brown fox", "give three tips", "a b c d e f", "z"]
+
+
+def all_strategies(policy_file):
+    """One ExitConfig per strategy family, and the other KV-fill modes, for make_model4's model."""
+    from cee_gen import ExitConfig
+
+    return [
+        ExitConfig(strategy="policy", heads=policy_file),
+        ExitConfig(strategy="confidence", threshold=0.5),
+        ExitConfig(strategy="entropy", threshold=0.5),
+        ExitConfig(strategy="patience", patience=1),
+        ExitConfig(strategy="saturation", threshold=0.5),
+        ExitConfig(strategy="hash", hash_method="random"),
+        ExitConfig(strategy="hash", exit_layers="1,3"),
+        ExitConfig(strategy="cascade", exit_layer=2, threshold=0.5),
+        ExitConfig(strategy="confidence", threshold=0.5, kv_fill="recompute"),
+        ExitConfig(strategy="entropy", threshold=0.5, kv_fill="copy-kv"),
+        ExitConfig(strategy="patience", patience=1, kv_fill="propagate-raw"),
+    ]
+
+
+def ids(results):
+    return [r.token_ids for r in results]
+
+
+def run_cli(argv, capsys):
+    """cee-generate in this process: (exit status, stdout, stderr)."""
+    from cee_gen.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out, err = capsys.readouterr()
+    return e.value.code, out, err
+
+
+def expected_kv(blk, a, h, step, norm: bool):
+    """Layer j's K/V for hidden state h, computed the plain way: norm, projection, RoPE."""
+    from cee_gen.model import apply_rope
+
+    x = blk.attention_norm(h) if norm else h
+    qkv = blk.attention.wqkv(x)
+    q_size, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    B, T, _ = h.shape
+    k = qkv[..., q_size:q_size + kv].view(B, T, a.n_kv_heads, a.head_dim)
+    v = qkv[..., q_size + kv:].view(B, T, a.n_kv_heads, a.head_dim)
+    return apply_rope(k, step.cos, step.sin).transpose(1, 2), v.transpose(1, 2)
+
+
+HF_CONFIGS = {
+    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "rope_linear": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+    "rope_llama3": dict(num_key_value_heads=1, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 32}),
+    "attention_bias": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True),
+}
+
+
+def hf_model(name):
+    """A tiny random HF model (HF_CONFIGS, or "qwen2_bias"), with non-trivial norms and biases."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=256, initializer_range=0.2)
+    if name == "qwen2_bias":
+        cfg = Qwen2Config(num_key_value_heads=2, **common)
+        hf = Qwen2ForCausalLM(cfg)
+    else:
+        cfg = LlamaConfig(**common, **HF_CONFIGS[name])
+        hf = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n or "bias" in n:
+                p.add_(0.2 * torch.randn_like(p))
+    return cfg, hf.eval()
+
+
+def ours(cfg, hf):
+    """(ModelArgs, our Transformer) with hf's weights."""
+    from cee_gen.model import ModelArgs
+    from cee_gen.weights.loading import build_transformer
+
+    a = ModelArgs.from_hf_config(cfg)
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    return a, build_transformer(a, sd, torch.float32, torch.device("cpu"))

@@ -109,8 +109,9 @@ def run_case(model, prompts, kw: dict, max_new_tokens: int, batch_size: int) -> 
 
 
 def record_tiny(tmp: Path) -> dict:
-    import cee_gen
     from conftest import make_tiny_checkpoint
+
+    import cee_gen
 
     make_tiny_golden_model(tmp / "tiny")
     make_tiny_checkpoint(tmp / "small", n_layers=2, seed=7)

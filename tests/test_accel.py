@@ -4,9 +4,9 @@ group is stepped, data-parallel sharding, bf16 autocast end to end, and fp16's C
 import pytest
 import torch
 
-from cee_gen.config import TrainConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.train.accel import Accel
+from cee_gen.train.config import TrainConfig
 
 
 def _problem(seed=0):

@@ -14,9 +14,10 @@ import torch
 from conftest import make_model4
 
 import cee_gen
-from cee_gen import ExitConfig
+from cee_gen import ExitConfig, LoadConfig
 from cee_gen.cache import StaticKVCache
 from cee_gen.errors import CeeGenError
+from cee_gen.model import Flash, Sdpa
 from cee_gen.ops import flash, reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -137,7 +138,7 @@ def test_flash_steps_match_sdpa_logits_on_every_real_position(as_flash):
         cache = StaticKVCache(net.args, B, S, torch.float32, "cpu")
         with torch.inference_mode():
             step = net.make_step(torch.arange(T), pad, S, T)
-            assert (step.seqlens is not None) == (impl == "flash")
+            assert isinstance(step.attn, Flash) == (impl == "flash")
             pre = net(tokens[:, :T], step, cache)
             dec = net(tokens[:, T:], net.make_step(torch.tensor([T]), pad, S, T + 1), cache)
         out[impl] = pre, dec
@@ -150,10 +151,10 @@ def test_steps_that_record_gradients_or_have_per_row_slots_use_sdpa(as_flash):
     net = as_flash("flash").net
     pad = torch.zeros(2, dtype=torch.long)
     with torch.inference_mode():
-        assert net.make_step(torch.arange(4), pad, 8, 4).seqlens is not None
-        assert net.make_step(torch.tensor([[2, 3], [1, 3]]), pad, 8, 4).seqlens is None
+        assert isinstance(net.make_step(torch.arange(4), pad, 8, 4).attn, Flash)
+        assert isinstance(net.make_step(torch.tensor([[2, 3], [1, 3]]), pad, 8, 4).attn, Sdpa)
     with torch.enable_grad():  # training: flash_attn_with_kvcache has no backward
-        assert net.make_step(torch.arange(4), pad, 8, 4).seqlens is None
+        assert isinstance(net.make_step(torch.arange(4), pad, 8, 4).attn, Sdpa)
 
 
 def test_auto_takes_sdpa_where_flash_cannot_serve_and_flash_asked_for_says_why(monkeypatch):
@@ -175,7 +176,7 @@ def test_auto_takes_sdpa_where_flash_cannot_serve_and_flash_asked_for_says_why(m
     with pytest.raises(CeeGenError, match="not installed"):
         flash.choose("flash", cuda, torch.bfloat16, 64)
     with pytest.raises(CeeGenError, match="unknown attention"):
-        flash.choose("xformers", cuda, torch.bfloat16, 64)
+        LoadConfig(attention="xformers").validate()
 
 
 def test_loaded_model_reports_its_attention(model4):

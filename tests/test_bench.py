@@ -11,12 +11,12 @@ from conftest import CORPUS, make_tiny_checkpoint, write_instruction_set
 
 import cee_gen
 from cee_gen.bench import metrics
+from cee_gen.bench.config import BenchConfig
 from cee_gen.bench.suite import BASELINES, Journal, calibrate, grid, run
-from cee_gen.config import BenchConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
-from cee_gen.loading import convert_hf_state_dict, to_hf_state_dict
-from cee_gen.lora import LoRA
+from cee_gen.weights.loading import convert_hf_state_dict, to_hf_state_dict
+from cee_gen.weights.lora import LoRA
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,7 @@ import subprocess
 import sys
 
 import pytest
-
-from cee_gen.cli import main
-
-
-def run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    out, err = capsys.readouterr()
-    return e.value.code, out, err
+from conftest import run_cli
 
 
 def test_prints_generated_text(tiny_dir, capsys):

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from cee_gen import default_model as dm
 from cee_gen.errors import ModelLoadError
+from cee_gen.weights import default_model as dm
 
 FAKE_GGUF = b"GGUF not really a model"
 

@@ -9,20 +9,21 @@ from dataclasses import replace
 
 import pytest
 import torch
-from test_early_exit import PROMPTS, _all_strategies, _ids
-from test_kv_fill import _expected_kv
+from conftest import PROMPTS, all_strategies, expected_kv
+from conftest import ids as _ids
 
 import cee_gen
 from cee_gen import CeeGenError, ExitConfig
 from cee_gen.cache import StaticKVCache
-from cee_gen.engine import BatchTimings, Decoder, ExitRun, _Deferred
+from cee_gen.engine import BatchTimings, Decoder, ExitRun, ExitStep
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Static
+from cee_gen.kv_fill import DeferredFill
 
 
 def _propagate_strategies(policy_file):
-    """test_early_exit's strategies that fill with propagate, and static."""
-    return [ex for ex in _all_strategies(policy_file) if ex.fill == "propagate"] + [
+    """The strategies that fill with propagate, and static."""
+    return [ex for ex in all_strategies(policy_file) if ex.fill == "propagate"] + [
         ExitConfig(strategy="static", exit_layer=2)]
 
 
@@ -74,16 +75,15 @@ def test_a_deeper_token_writes_the_eager_fills_values_and_padding_only_the_scrat
     net, a, L, S = model4.net, model4.args, model4.n_layers, 16
     with torch.inference_mode():
         cache, pad = _prefilled(net, a, S)
-        deferred = _Deferred(net, 2, S, pad)
-        dec, heads = Decoder(net), ExitHeads.logit_lens(net)
+        deferred = DeferredFill(net, 2, S, pad)
+        dec, heads, tm = Decoder(net), ExitHeads.logit_lens(net), BatchTimings()
         states = {}
         for slot, plan in ((3, (1, 2)), (4, (1, L)), (5, (L, L))):
             tok = torch.tensor([[11 + slot], [21 + slot]])
             groups = [[0, 1]] if plan == (L, L) else [[0], [1]]  # alone, each at its planned layer
             for rows in groups:
-                run = ExitRun(Static(plan[rows[0]], L), heads, "propagate", defer=True)
-                dec.exit_step(cache, tok, tok[:, 0].tolist(), slot, pad, rows, run, BatchTimings(), None,
-                              deferred)
+                run = ExitRun(Static(plan[rows[0]], L), heads, "propagate", deferred=True)
+                ExitStep(dec, run, deferred, tm)(cache, tok, tok[:, 0].tolist(), slot, pad, rows)
                 if plan[rows[0]] < L:
                     states[rows[0], slot] = (plan[rows[0]], deferred.states[rows[0], slot].clone())
             if slot == 4:  # row 0's exited slots: nothing has run their skipped layers yet
@@ -95,7 +95,7 @@ def test_a_deeper_token_writes_the_eager_fills_values_and_padding_only_the_scrat
         for (r, s_), (e, h) in states.items():
             step = net.make_step(torch.tensor([s_]), pad[r:r + 1], S, s_ + 1)
             for j in range(e, L):
-                ek, ev = _expected_kv(net.layers[j], a, h.view(1, 1, -1), step, norm=True)
+                ek, ev = expected_kv(net.layers[j], a, h.view(1, 1, -1), step, norm=True)
                 torch.testing.assert_close(cache.k[j][r:r + 1, :, s_:s_ + 1], ek, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(cache.v[j][r:r + 1, :, s_:s_ + 1], ev, atol=1e-5, rtol=1e-5)
         assert deferred.entries == [{}, {}]  # all written: nothing left to defer

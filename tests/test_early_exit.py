@@ -5,36 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import PROMPTS, all_strategies, expected_kv, make_tiny_checkpoint, run_cli
+from conftest import ids as _ids
 
 import cee_gen
 from cee_gen import ExitConfig
 from cee_gen.cache import StaticKVCache
-from cee_gen.engine import BatchTimings, Decoder, ExitRun, _Pending
+from cee_gen.engine import BatchTimings, Decoder, ExitRun, ExitStep
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Static
-
-PROMPTS = ["the quick brown fox", "give three tips", "a b c d e f", "z"]
-
-
-def _all_strategies(policy_file):
-    return [
-        ExitConfig(strategy="policy", heads=policy_file),
-        ExitConfig(strategy="confidence", threshold=0.5),
-        ExitConfig(strategy="entropy", threshold=0.5),
-        ExitConfig(strategy="patience", patience=1),
-        ExitConfig(strategy="saturation", threshold=0.5),
-        ExitConfig(strategy="hash", hash_method="random"),
-        ExitConfig(strategy="hash", exit_layers="1,3"),
-        ExitConfig(strategy="cascade", exit_layer=2, threshold=0.5),
-        ExitConfig(strategy="confidence", threshold=0.5, kv_fill="recompute"),
-        ExitConfig(strategy="entropy", threshold=0.5, kv_fill="copy-kv"),
-        ExitConfig(strategy="patience", patience=1, kv_fill="propagate-raw"),
-    ]
-
-
-def _ids(results):
-    return [r.token_ids for r in results]
+from cee_gen.kv_fill import EagerFill, RecomputeFill
 
 
 @pytest.mark.parametrize("strategy", ["policy", "confidence", "entropy", "patience", "saturation", "hash"])
@@ -71,7 +51,7 @@ def test_policy_that_always_exits_at_k_gives_the_static_k_tokens(model4, tmp_pat
 
 
 def test_batch_rows_exiting_at_different_layers_equal_one_by_one(model4, policy_file):
-    for ex in _all_strategies(policy_file):
+    for ex in all_strategies(policy_file):
         one = cee_gen.generate(model4, PROMPTS, max_new_tokens=14, batch_size=1, exit=ex)
         many = cee_gen.generate(model4, PROMPTS, max_new_tokens=14, batch_size=len(PROMPTS), exit=ex)
         assert _ids(many) == _ids(one), ex
@@ -95,8 +75,6 @@ def test_exited_rows_are_not_computed_in_deeper_layers(model4):
 
 
 def test_exit_step_fills_propagate_kv_for_the_exited_rows_only(model4):
-    from test_kv_fill import _expected_kv
-
     net, a, k, S = model4.net, model4.args, 2, 16
     pad = torch.tensor([0, 1])
     tokens = torch.tensor([[5, 6, 7], [0, 8, 9]])
@@ -111,7 +89,8 @@ def test_exit_step_fills_propagate_kv_for_the_exited_rows_only(model4):
             ref.v[j].copy_(cache.v[j])
         run = ExitRun(Static(k, a.n_layers), ExitHeads.logit_lens(net), "propagate")
         tok = torch.tensor([[11], [12]])
-        Decoder(net).exit_step(cache, tok, [11, 12], 3, pad, [1], run, BatchTimings(), None)
+        tm = BatchTimings()
+        ExitStep(Decoder(net), run, EagerFill(net, "propagate", tm), tm)(cache, tok, [11, 12], 3, pad, [1])
         step = net.make_step(torch.tensor([3]), pad[1:], S, 4)
         one = StaticKVCache(a, 1, S, torch.float32, "cpu")
         for j in range(a.n_layers):
@@ -123,7 +102,7 @@ def test_exit_step_fills_propagate_kv_for_the_exited_rows_only(model4):
         if j < k:
             torch.testing.assert_close(cache.k[j][1:, :, 3], one.k[j][:, :, 3])
         else:
-            ek, ev = _expected_kv(net.layers[j], a, h, step, norm=True)
+            ek, ev = expected_kv(net.layers[j], a, h, step, norm=True)
             torch.testing.assert_close(cache.k[j][1:, :, 3:4], ek, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.v[j][1:, :, 3:4], ev, atol=1e-5, rtol=1e-5)
 
@@ -135,7 +114,8 @@ def test_recompute_makes_the_deep_kv_equal_the_full_models_on_the_same_tokens(mo
     seq = [5, 6, 7, 9, 10, 11, 12]  # prompt 5 6 7; then exits at k, at 2, at L, at k
     depths = [k, 2, L, k]
     heads = ExitHeads.logit_lens(net)
-    dec, pending, tm = Decoder(net), _Pending(1), BatchTimings()
+    dec, tm = Decoder(net), BatchTimings()
+    pending = RecomputeFill(1, S, tm)
     cache = StaticKVCache(a, 1, S, torch.float32, "cpu")
     ref = StaticKVCache(a, 1, S, torch.float32, "cpu")
     with torch.inference_mode():
@@ -144,8 +124,8 @@ def test_recompute_makes_the_deep_kv_equal_the_full_models_on_the_same_tokens(mo
         for i, d in enumerate(depths):
             run = ExitRun(Static(d, L), heads, "recompute")
             slot = 3 + i
-            out, depth = dec.exit_step(cache, torch.tensor([[seq[slot]]]), [seq[slot]], slot, pad, [0],
-                                       run, tm, pending)
+            tok = torch.tensor([[seq[slot]]])
+            out, depth = ExitStep(dec, run, pending, tm)(cache, tok, [seq[slot]], slot, pad, [0])
             assert depth == {0: d}
             logits.append(out)
             if i == 0:  # the exited token waits: nothing is written in the layers it skipped
@@ -173,14 +153,20 @@ def test_stats_carry_exit_telemetry(model4, policy_file):
     assert sum(s["exit_histogram"].values()) == n - 1
     assert s["mean_layers"] == pytest.approx(sum(s["layers_per_token"]) / n)
     assert s["ideal_speedup"] == pytest.approx(model4.n_layers / s["mean_layers"])
-    assert s["decision_s"] > 0 and s["fill_s"] >= 0 and s["candidate_layers"] == [1, 2, 3]
+    assert s["decision_s"] > 0 and s["candidate_layers"] == [1, 2, 3]
+    # the default (deferred) fill runs inside the layers; the eager one is timed at the exits
+    assert s["fill_timing"] == "deferred" and s["fill_s"] == 0
+    assert min(s["layers_per_token"]) < model4.n_layers, "no token exited: nothing was filled"
+    [e] = cee_gen.generate(model4, PROMPTS[0], max_new_tokens=10, exit=ExitConfig(
+        strategy="policy", heads=policy_file, threshold=0.5, fill_timing="eager"))
+    assert e.stats["fill_timing"] == "eager" and e.stats["fill_s"] > 0
 
 
 def test_compiled_exit_step_gives_the_eager_tokens_and_exit_layers(model4, policy_file):
     """Per-token strategies under compile: their layers and exit heads run as compiled graphs (one
     for a layer, shared by all layers), decisions and gathers stay eager. Batched, so rows finish
     and exit at different layers and the graphs see several row counts."""
-    for i, ex in enumerate(_all_strategies(policy_file)):
+    for i, ex in enumerate(all_strategies(policy_file)):
         eager = cee_gen.generate(model4, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS), exit=ex)
         comp = cee_gen.generate(model4, PROMPTS, max_new_tokens=12, batch_size=len(PROMPTS), exit=ex,
                                 compile=True)
@@ -205,8 +191,6 @@ def test_policy_without_policy_heads_names_the_fix(model4, tmp_path):
 
 
 def test_cli_show_exits_colours_tokens_and_prints_a_histogram(model4, policy_file, capsys):
-    from test_cli import run_cli
-
     code, out, err = run_cli(["--model", str(model4.path), "--max-new-tokens", "8", "--exit", "policy",
                               "--heads", policy_file, "--show-exits", "the quick"], capsys)
     assert code == 0
@@ -215,8 +199,6 @@ def test_cli_show_exits_colours_tokens_and_prints_a_histogram(model4, policy_fil
 
 
 def test_cli_exit_flags_reach_the_engine(model4, capsys):
-    from test_cli import run_cli
-
     code, out, _ = run_cli(["--model", str(model4.path), "--max-new-tokens", "6", "--json", "--exit",
                             "entropy", "--threshold", "0.5", "--exit-layers", "1,3", "--kv-fill",
                             "recompute", "the quick"], capsys)
@@ -232,8 +214,6 @@ def test_cli_exit_flags_reach_the_engine(model4, capsys):
     (["--exit", "entropy", "--exit-layers", "every:x"], "every:K"),
 ])
 def test_cli_bad_exit_flags_are_one_line_errors(model4, capsys, argv, words):
-    from test_cli import run_cli
-
     code, out, err = run_cli(["--model", str(model4.path), *argv, "hi"], capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
@@ -256,7 +236,7 @@ HEADS = Path(__file__).parent.parent / "cee_gen" / "heads" / "smollm2-135m-instr
 def test_committed_quickfit_heads_match_the_default_model(default_model):
     from cee_gen.exits.heads import load_heads
 
-    heads = load_heads(HEADS, default_model.net, default_model.name)
+    heads = load_heads(HEADS, default_model)
     assert heads.layers == list(range(1, default_model.n_layers)) and heads.has_policy
 
 

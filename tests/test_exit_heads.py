@@ -25,7 +25,7 @@ def test_heads_file_round_trip_keeps_tensors_metadata_and_outputs(tiny_model, tm
     h = _heads(tiny_model)
     h.meta["training"] = {"method": "unit test"}
     path = h.save(tmp_path / "h.safetensors", base_name="tiny")
-    back = load_heads(path, tiny_model.net, "tiny")
+    back = load_heads(path, tiny_model)
     assert back.layers == [1, 2] and back.adapter_rank == 4 and back.policy_kind == "mlp"
     assert back.meta["training"] == {"method": "unit test"}
     for k, v in h.state_dict().items():
@@ -59,7 +59,7 @@ def test_heads_cost_a_few_parameters_not_a_vocabulary_matrix_per_layer(tiny_mode
 def test_heads_load_in_another_dtype_of_the_same_checkpoint(tiny_dir, tiny_model, tmp_path):
     path = _heads(tiny_model).save(tmp_path / "h.safetensors")
     bf16 = cee_gen.load_model(str(tiny_dir), dtype="bfloat16", device="cpu")
-    back = load_heads(path, bf16.net)
+    back = load_heads(path, bf16)
     assert next(back.parameters()).dtype == torch.bfloat16
 
 
@@ -69,12 +69,12 @@ def test_heads_made_for_another_base_model_are_refused(tiny_model, tmp_path):
     make_tiny_checkpoint(other_dir, seed=1)  # same shapes, other weights
     other = cee_gen.load_model(str(other_dir), dtype="float32", device="cpu")
     with pytest.raises(HeadsFileError, match="was made for tiny .* not for"):
-        load_heads(path, other.net, "other")
+        load_heads(path, other)
     deeper_dir = tmp_path / "deeper"
     make_tiny_checkpoint(deeper_dir, n_layers=4)  # other shapes
     deeper = cee_gen.load_model(str(deeper_dir), dtype="float32", device="cpu")
     with pytest.raises(HeadsFileError, match="was made for tiny"):
-        load_heads(path, deeper.net)
+        load_heads(path, deeper)
 
 
 def test_truncated_heads_file_is_a_clear_error(tiny_model, tmp_path):
@@ -82,7 +82,7 @@ def test_truncated_heads_file_is_a_clear_error(tiny_model, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(HeadsFileError, match="damaged or incomplete"):
-        load_heads(path, tiny_model.net)
+        load_heads(path, tiny_model)
 
 
 def _rewrite(path, edit):
@@ -100,26 +100,26 @@ def test_heads_file_missing_tensors_is_a_clear_error(tiny_model, tmp_path):
     path = _heads(tiny_model).save(tmp_path / "h.safetensors")
     _rewrite(path, lambda t, m: ({k: v for k, v in t.items() if not k.startswith("policies.2.")}, m))
     with pytest.raises(HeadsFileError, match=r"lacks tensor\(s\) \['policies\.2\."):
-        load_heads(path, tiny_model.net)
+        load_heads(path, tiny_model)
 
 
 def test_safetensors_file_without_heads_metadata_is_refused(tiny_model, tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"x": torch.zeros(2)}, str(path))
     with pytest.raises(HeadsFileError, match="not a cee-gen heads file"):
-        load_heads(path, tiny_model.net)
+        load_heads(path, tiny_model)
 
 
 def test_heads_file_of_another_format_version_is_refused(tiny_model, tmp_path):
     path = _heads(tiny_model).save(tmp_path / "h.safetensors")
     _rewrite(path, lambda t, m: (t, {**m, "format_version": 99}))
     with pytest.raises(HeadsFileError, match="format version 99"):
-        load_heads(path, tiny_model.net)
+        load_heads(path, tiny_model)
 
 
 def test_missing_heads_file_names_the_fix(tiny_model, tmp_path):
     with pytest.raises(HeadsFileError, match="does not exist.*quickfit"):
-        load_heads(tmp_path / "nope.safetensors", tiny_model.net)
+        load_heads(tmp_path / "nope.safetensors", tiny_model)
 
 
 def test_heads_save_is_atomic_and_refuses_missing_folder(tiny_model, tmp_path):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import expected_kv, hf_model, ours
 
 from cee_gen.cache import StaticKVCache
 from cee_gen.kv_fill import KVFiller
-from cee_gen.model import apply_rope
 
 S = 32
 
@@ -21,24 +21,11 @@ def _exit_state(net, a, tokens, e):
     return cache, step, h
 
 
-def _expected_kv(blk, a, h, step, norm: bool):
-    """Layer j's K/V for hidden state h, computed the plain way: norm, projection, RoPE."""
-    x = blk.attention_norm(h) if norm else h
-    qkv = blk.attention.wqkv(x)
-    q_size, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-    B, T, _ = h.shape
-    k = qkv[..., q_size:q_size + kv].view(B, T, a.n_kv_heads, a.head_dim)
-    v = qkv[..., q_size + kv:].view(B, T, a.n_kv_heads, a.head_dim)
-    return apply_rope(k, step.cos, step.sin).transpose(1, 2), v.transpose(1, 2)
-
-
 def _models():
-    from test_model_parity import _hf_model, _ours
-
     out = []
     for name in ("gqa_tied", "mha_untied", "attention_bias"):
-        cfg, hf = _hf_model(name)
-        a, net = _ours(cfg, hf)
+        cfg, hf = hf_model(name)
+        a, net = ours(cfg, hf)
         out.append(pytest.param(a, net, id=name))
     return out
 
@@ -52,16 +39,14 @@ def test_propagate_fill_equals_per_layer_projection_of_exit_state(a, net, mode, 
         cache, step, h = _exit_state(net, a, tokens, e)
         KVFiller(net).fill(cache, h, e, step, mode)
         for j in range(e, a.n_layers):
-            k, v = _expected_kv(net.layers[j], a, h, step, norm=mode == "propagate")
+            k, v = expected_kv(net.layers[j], a, h, step, norm=mode == "propagate")
             torch.testing.assert_close(cache.k[j][:, :, :7], k, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(cache.v[j][:, :, :7], v, atol=1e-4, rtol=1e-4)
             assert torch.isnan(cache.k[j][:, :, 7:]).all()  # slots outside the step untouched
 
 
 def test_copy_kv_repeats_the_exit_layers_kv():
-    from test_model_parity import _hf_model, _ours
-
-    a, net = _ours(*_hf_model("gqa_tied"))
+    a, net = ours(*hf_model("gqa_tied"))
     tokens = torch.randint(0, a.vocab_size, (1, 5))
     with torch.no_grad():
         cache, step, h = _exit_state(net, a, tokens, 1)
@@ -72,9 +57,7 @@ def test_copy_kv_repeats_the_exit_layers_kv():
 
 
 def test_fill_at_full_depth_writes_nothing_and_bad_mode_is_rejected():
-    from test_model_parity import _hf_model, _ours
-
-    a, net = _ours(*_hf_model("gqa_tied"))
+    a, net = ours(*hf_model("gqa_tied"))
     tokens = torch.randint(0, a.vocab_size, (1, 3))
     with torch.no_grad():
         cache, step, h = _exit_state(net, a, tokens, a.n_layers)

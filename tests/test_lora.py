@@ -9,7 +9,7 @@ import cee_gen
 from cee_gen.cache import StaticKVCache
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads, HeadsFileError, load_heads
-from cee_gen.lora import TARGETS, LoRA, parse_targets
+from cee_gen.weights.lora import TARGETS, LoRA, parse_targets
 
 
 @pytest.fixture()
@@ -41,7 +41,7 @@ def test_hooked_forward_equals_merged_weights(fresh, targets):
         h.remove()
     assert (hooked - base).abs().max() > 1e-3  # the deltas do something
     torch.testing.assert_close(full_logits(net, tokens), base)  # removing the hooks restores the base
-    lora.merge(net, "test")
+    lora.merge(net)
     torch.testing.assert_close(full_logits(net, tokens), hooked, atol=1e-4, rtol=1e-4)
 
 
@@ -76,7 +76,7 @@ def test_heads_file_carries_lora_and_merges_it_once_at_load(fresh):
     path = heads.save(tmp / "h.safetensors", base_name="tiny")
 
     fresh_model = load()
-    loaded = load_heads(path, fresh_model.net)
+    loaded = load_heads(path, fresh_model)
     assert loaded.lora.targets == ["q", "v", "down"]
     got = full_logits(fresh_model.net, tokens)
     torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # fp16 factors
@@ -94,11 +94,11 @@ def test_heads_of_another_fine_tune_are_refused_on_a_merged_model(fresh):
     a = ExitHeads(model.net, [1], lora=_random_lora(model.net, ["q"], seed=1)).save(tmp / "a.safetensors")
     b = ExitHeads(model.net, [1], lora=_random_lora(model.net, ["q"], seed=2)).save(tmp / "b.safetensors")
     plain = ExitHeads(model.net, [1], adapter_rank=2).save(tmp / "plain.safetensors")
-    load_heads(a, model.net)
-    load_heads(a, model.net)  # the same file again: nothing added twice
+    load_heads(a, model)
+    load_heads(a, model)  # the same file again: nothing added twice
     for other in (b, plain):
         with pytest.raises(HeadsFileError, match="already carries the fine-tuned weights"):
-            load_heads(other, model.net)
+            load_heads(other, model)
 
 
 def test_lora_targets_parse_with_a_clear_error():

@@ -2,51 +2,16 @@
 
 import pytest
 import torch
+from conftest import HF_CONFIGS, hf_model, ours
 
 from cee_gen.cache import StaticKVCache
-from cee_gen.loading import build_transformer
 from cee_gen.model import ModelArgs
 
-CONFIGS = {
-    "mha_untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
-    "gqa_tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
-    "rope_linear": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    "rope_llama3": dict(num_key_value_heads=1, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32}),
-    "attention_bias": dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True),
-}
 
-
-def _hf_model(name):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, max_position_embeddings=256, initializer_range=0.2)
-    if name == "qwen2_bias":
-        cfg = Qwen2Config(num_key_value_heads=2, **common)
-        hf = Qwen2ForCausalLM(cfg)
-    else:
-        cfg = LlamaConfig(**common, **CONFIGS[name])
-        hf = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for n, p in hf.named_parameters():
-            if "norm" in n or "bias" in n:
-                p.add_(0.2 * torch.randn_like(p))
-    return cfg, hf.eval()
-
-
-def _ours(cfg, hf):
-    a = ModelArgs.from_hf_config(cfg)
-    sd = {k: v.clone() for k, v in hf.state_dict().items()}
-    return a, build_transformer(a, sd, torch.float32, torch.device("cpu"))
-
-
-@pytest.mark.parametrize("name", [*CONFIGS, "qwen2_bias"])
+@pytest.mark.parametrize("name", [*HF_CONFIGS, "qwen2_bias"])
 def test_logits_match_hf_on_tiny_random_configs(name):
-    cfg, hf = _hf_model(name)
-    a, net = _ours(cfg, hf)
+    cfg, hf = hf_model(name)
+    a, net = ours(cfg, hf)
     x = torch.randint(0, cfg.vocab_size, (2, 41))
     with torch.no_grad():
         ref = hf(x).logits
@@ -58,8 +23,8 @@ def test_logits_match_hf_on_tiny_random_configs(name):
 
 
 def test_incremental_decode_with_cache_matches_full_forward():
-    cfg, hf = _hf_model("gqa_tied")
-    a, net = _ours(cfg, hf)
+    cfg, hf = hf_model("gqa_tied")
+    a, net = ours(cfg, hf)
     x = torch.randint(0, cfg.vocab_size, (1, 20))
     pad = torch.zeros(1, dtype=torch.long)
     with torch.no_grad():

@@ -17,12 +17,13 @@ import torch
 from conftest import make_tiny_checkpoint
 
 import cee_gen
-from cee_gen import ExitConfig, placement
+from cee_gen import ExitConfig
 from cee_gen.engine import Decoder
 from cee_gen.errors import CeeGenError
 from cee_gen.kv_fill import KVFiller
-from cee_gen.loading import build_transformer
 from cee_gen.model import ModelArgs
+from cee_gen.weights import placement
+from cee_gen.weights.loading import build_transformer
 
 PROMPTS = ["the quick brown fox", "give three tips", "a b c d e f", "z"]
 GIB = 2 ** 30
@@ -79,7 +80,7 @@ def _tiny_net(ckpt):
     """The checkpoint's Transformer alone, on the CPU (no tokenizer, not placed)."""
     from transformers import AutoConfig
 
-    from cee_gen.loading import _read_state_dict
+    from cee_gen.weights.loading import _read_state_dict
 
     args = ModelArgs.from_hf_config(AutoConfig.from_pretrained(ckpt))
     return build_transformer(args, _read_state_dict(Path(ckpt)), torch.float32, CPU)

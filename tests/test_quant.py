@@ -9,7 +9,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import full_logits, make_tiny_checkpoint
+from conftest import full_logits, make_tiny_checkpoint, run_cli
 
 import cee_gen
 from cee_gen.cache import StaticKVCache
@@ -17,9 +17,9 @@ from cee_gen.config import ExitConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.kv_fill import KVFiller
-from cee_gen.lora import LoRA
 from cee_gen.model import apply_rope
-from cee_gen.quant import dense_weight
+from cee_gen.weights.lora import LoRA
+from cee_gen.weights.quant import dense_weight
 
 needs_bnb = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None,
                                reason="bitsandbytes is not installed (pip install -e '.[dev]' has it)")
@@ -139,8 +139,6 @@ def test_bad_quantize_and_missing_bitsandbytes_are_clear_errors(ckpt, monkeypatc
 
 
 def test_cli_quantize_flag_reaches_the_model(ckpt, capsys):
-    from test_cli import run_cli
-
     code, out, _ = run_cli(["--model", ckpt, "--dtype", "float32", "--device", "cpu", "--quantize", "8bit",
                             "--max-new-tokens", "3", "--json", "hello"], capsys)
     assert code == 0 and '"quantize": "8bit"' in out

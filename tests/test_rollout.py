@@ -6,9 +6,10 @@ from conftest import make_tiny_checkpoint
 
 import cee_gen
 from cee_gen.cache import StaticKVCache
-from cee_gen.engine import BatchTimings, Decoder, ExitRun
+from cee_gen.engine import BatchTimings, Decoder, ExitRun, ExitStep
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Static
+from cee_gen.kv_fill import EagerFill
 from cee_gen.train.rollout import rollout
 
 
@@ -46,8 +47,9 @@ def test_rollout_with_fixed_exits_equals_inference_with_propagate_fill(model4):
         infer_logits = [prefill[t].float()[None] for t in range(P)]
         for t in range(P, 8):
             run = ExitRun(Static(depth[t], L), heads, "propagate")
-            out, _ = dec.exit_step(cache, tokens[:, t:t + 1], [tokens[0, t].item()], t, pad, [0], run,
-                                   BatchTimings(), None)
+            tm = BatchTimings()
+            out, _ = ExitStep(dec, run, EagerFill(net, "propagate", tm), tm)(
+                cache, tokens[:, t:t + 1], [tokens[0, t].item()], t, pad, [0])
             infer_logits.append(out)
     for t in range(8):
         torch.testing.assert_close(train_logits[t], infer_logits[t], atol=1e-4, rtol=1e-4)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import expected_kv, run_cli
 
 import cee_gen
 from cee_gen import ExitConfig
@@ -36,8 +37,6 @@ def test_static_exit_reports_layers_and_ideal_speedup(tiny_model):
 @pytest.mark.parametrize("mode", ["propagate", "propagate-raw", "copy-kv"])
 def test_forced_exit_writes_deeper_kv_from_the_exit_state(tiny_model, mode):
     """One decode step exiting after k layers: layers < k hold their own KV, layers >= k the fill."""
-    from test_kv_fill import _expected_kv
-
     net, a, k = tiny_model.net, tiny_model.args, 1
     pad = torch.zeros(1, dtype=torch.long)
     cache = StaticKVCache(a, 1, 16, torch.float32, "cpu")
@@ -56,7 +55,7 @@ def test_forced_exit_writes_deeper_kv_from_the_exit_state(tiny_model, mode):
             if mode == "copy-kv":
                 ek, ev = ref.k[k - 1][:, :, 3:4], ref.v[k - 1][:, :, 3:4]
             else:
-                ek, ev = _expected_kv(net.layers[j], a, h, step, norm=mode == "propagate")
+                ek, ev = expected_kv(net.layers[j], a, h, step, norm=mode == "propagate")
             torch.testing.assert_close(cache.k[j][:, :, 3:4], ek, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.v[j][:, :, 3:4], ev, atol=1e-5, rtol=1e-5)
 
@@ -88,8 +87,6 @@ def test_bad_exit_settings_are_clear_errors(tiny_model, ex, words):
 
 
 def test_cli_static_exit_reports_layers(tiny_dir, capsys):
-    from test_cli import run_cli
-
     code, out, _ = run_cli(["--model", str(tiny_dir), "--max-new-tokens", "6", "--json", "--exit",
                             "static", "--exit-layer", "1", "--kv-fill", "copy-kv", "the quick"], capsys)
     s = json.loads(out)["stats"]

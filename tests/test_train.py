@@ -7,8 +7,8 @@ import torch
 from conftest import make_tiny_checkpoint, write_instruction_set
 
 import cee_gen
-from cee_gen.config import TrainConfig
 from cee_gen.errors import CeeGenError
+from cee_gen.train.config import TrainConfig
 from cee_gen.train.trainer import collate, prepare, train
 
 
@@ -69,7 +69,7 @@ def test_lora_fine_tuning_changes_the_model_and_the_file_carries_it(setup):
     out = train(_cfg(setup, stages="1"), progress=lambda m: None, quiet=True)
     base = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
     tuned = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
-    load_heads(out, tuned.net)
+    load_heads(out, tuned)
     w0, w1 = base.net.layers[0].attention.wqkv.weight, tuned.net.layers[0].attention.wqkv.weight
     assert (w1 - w0).abs().max() > 1e-4  # stage 1 trained the LoRA, the load merged it
     assert torch.equal(base.net.tok_embeddings.weight, tuned.net.tok_embeddings.weight)

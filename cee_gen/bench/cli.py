@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from cee_gen.bench.config import BenchConfig
 from cee_gen.cli import config_from, config_parser, exit_with
-from cee_gen.config import BenchConfig
 
 EXAMPLES = """\
 examples:

@@ -34,8 +34,9 @@ from pathlib import Path
 import torch
 
 from cee_gen.bench import metrics
+from cee_gen.bench.config import BenchConfig
 from cee_gen.bench.env import PeakMemory, git_commit, machine_info, versions
-from cee_gen.config import BenchConfig, ExitConfig
+from cee_gen.config import ExitConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.files import write_text
 
@@ -245,7 +246,7 @@ def hf_model(model):
     """HF LlamaForCausalLM from the model's folder, carrying our current (merged) weights."""
     from transformers import AutoModelForCausalLM
 
-    from cee_gen.loading import to_hf_state_dict
+    from cee_gen.weights.loading import to_hf_state_dict
 
     hf = AutoModelForCausalLM.from_pretrained(model.path, dtype=model.dtype).to(model.device).eval()
     missing, unexpected = hf.load_state_dict(to_hf_state_dict(model.net), strict=False)
@@ -325,7 +326,7 @@ class Runner:
             "prefill_s": first - t0,
             "decode_s": t1 - first,
             "finish": "stop" if cut < len(new) else "length",
-            "weights": getattr(m.net, "merged_with", None) or "base",
+            "weights": m.weights.label,
         }
 
     def run(self, s: Setting, ids: list[int], text: str) -> dict:
@@ -367,7 +368,7 @@ def summarize(
     ms_per_token (decode), decode_tok_s, tok_s (prefill included), measured_speedup (median over
     rows of full's ms/token / this one's, same row) and measured_speedup_pooled (ratio of totals);
     peak_mb (max over rows)."""
-    from cee_gen.generate import exit_histogram
+    from cee_gen.engine import exit_histogram
 
     by: dict[tuple, dict[str, dict]] = {}
     for rec in lines:
@@ -547,7 +548,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     from cee_gen import data
     from cee_gen.bench import report
     from cee_gen.generate import encode_prompt, exit_heads, shipped_heads
-    from cee_gen.loading import load_model
+    from cee_gen.weights.loading import load_model
 
     cfg = cfg.resolved()
     out = Path(cfg.out)

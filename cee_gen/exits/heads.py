@@ -10,15 +10,15 @@
 - **Policy head** at layer l (ConsistentEE, methods.md §1.4): Linear(d, 1) or an MLP d -> hidden ->
   1 with GELU (ConsistentEE-BERT), reading norm(h_l) and giving p(exit). It costs one dot product;
   the LM head then runs once per token, at the exit layer only.
-- **LoRA deltas** of the backbone (optional, cee_gen/lora.py): exit-aware fine-tuning makes the
+- **LoRA deltas** of the backbone (optional, weights/lora.py): exit-aware fine-tuning makes the
   intermediate layers predictive. They ride in the same file and are merged into the base weights
   when the file is loaded; the base checkpoint on disk is never modified.
 
 One side file holds them: safetensors tensors plus JSON metadata under the header key
 `cee_gen_heads` (format version, base model identity and fingerprint, candidate layers, head types,
 how they were made). The fingerprint is a hash of the model's shape config plus a probe of a few
-weights from every tensor, stored as values and compared with a tolerance, so the same checkpoint
-matches in fp32, bf16 or fp16 and any other checkpoint does not.
+weights from every tensor (weights/provenance.py), stored as values and compared with a tolerance, so
+the same checkpoint matches in fp32, bf16 or fp16 and any other checkpoint does not.
 """
 
 from __future__ import annotations
@@ -28,19 +28,23 @@ import hashlib
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from cee_gen.errors import CeeGenError, one_line
 from cee_gen.files import atomic_path
-from cee_gen.lora import LoRA
 from cee_gen.model import Transformer, linear
+from cee_gen.weights.lora import LoRA
+from cee_gen.weights.provenance import probes_match, weight_probe
+
+if TYPE_CHECKING:
+    from cee_gen.weights.loading import Model
 
 FORMAT_VERSION = 1
 META_KEY = "cee_gen_heads"
 POLICY_KINDS = ("linear", "mlp")
-_PROBE_PER_TENSOR = 16
 
 
 class HeadsFileError(CeeGenError):
@@ -51,28 +55,6 @@ def config_sha(net: Transformer) -> str:
     """sha256 of the model's shape config: the part of the identity that must match exactly."""
     a = dataclasses.asdict(net.args)
     return hashlib.sha256(json.dumps(a, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def base_probe(net: Transformer) -> torch.Tensor:
-    """The probe of net's base weights: taken before any LoRA deltas were merged into them."""
-    p = getattr(net, "base_probe", None)
-    return weight_probe(net) if p is None else p
-
-
-def weight_probe(net: Transformer) -> torch.Tensor:
-    """A few evenly spaced values from every weight tensor, in fp32 (N,): the weights' identity."""
-    vals = []
-    for _, t in sorted(net.state_dict().items()):
-        flat = t.detach().reshape(-1)
-        n = _PROBE_PER_TENSOR
-        idx = torch.arange(n, device=flat.device) * (flat.numel() - 1) // (n - 1)  # integer: exact ends
-        vals.append(flat[idx].float().cpu())
-    return torch.cat(vals)
-
-
-def _probe_matches(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # fp16/bf16 round-trips move a value by < 0.4 %; another checkpoint moves it by ~100 %
-    return a.shape == b.shape and bool(((a - b).abs() <= 0.02 * b.abs() + 1e-3).all())
 
 
 class Policy(nn.Module):
@@ -109,14 +91,14 @@ class Adapter(nn.Module):
         return z + self.up(self.down(z))
 
 
-def exit_logits(norm: nn.Module, adapter: nn.Module | None, output: nn.Linear, h: torch.Tensor,
-                gemv: bool = False) -> torch.Tensor:
+def exit_logits(norm: nn.Module, adapter: nn.Module | None, output: nn.Linear, h: torch.Tensor
+                ) -> torch.Tensor:
     """The classifier: output(adapter(norm(h))) in fp32, (b, D) -> (b, V). A free function of the
     modules, so one compiled graph serves every layer's adapter (they differ only in weights)."""
     z = norm(h)
     if adapter is not None:
         z = adapter(z)
-    return linear(z, output, gemv).float()
+    return linear(z, output).float()
 
 
 def exit_policy(norm: nn.Module, policy: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -177,7 +159,7 @@ class ExitHeads(nn.Module):
         compiled copy of it (the engine's compiled exit step)."""
         net = self.net
         adapter = self.adapters[str(layer)] if self.adapters and layer < net.args.n_layers else None
-        return (fn or exit_logits)(net.norm, adapter, net.output, h, fn is not None)
+        return (fn or exit_logits)(net.norm, adapter, net.output, h)
 
     def p_exit(self, layer: int, h: torch.Tensor, z: torch.Tensor | None = None, fn=None) -> torch.Tensor:
         """Policy's p(exit) after `layer` layers: h (b, D) -> (b,) fp32. `fn`: a compiled exit_policy
@@ -207,9 +189,11 @@ class ExitHeads(nn.Module):
             "training": self.meta.get("training", {}),
         }
 
-    def save(self, path: str | Path, base_name: str | None = None, half: bool = False) -> Path:
+    def save(self, path: str | Path, base_name: str | None = None, half: bool = False,
+             probe: torch.Tensor | None = None) -> Path:
         """Write the heads file atomically (temporary file + rename). `half`: adapters in fp16 too
-        (LoRA factors always are; policies stay fp32)."""
+        (LoRA factors always are; policies stay fp32). `probe`: the base weights' probe when the
+        model's weights have changed since loading (Provenance.base_probe); default: probed now."""
         from safetensors.torch import save_file
 
         if base_name is not None:
@@ -221,18 +205,19 @@ class ExitHeads(nn.Module):
         low = ("lora.", "adapters.") if half else ("lora.",)
         tensors = {k: v.detach().to(torch.float16 if k.startswith(low) else torch.float32).cpu()
                    .contiguous() for k, v in self.state_dict().items()}
-        tensors["base_probe"] = base_probe(self.net)
+        tensors["base_probe"] = weight_probe(self.net) if probe is None else probe
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(self.metadata())})
         return path
 
 
-def load_heads(path: str | Path, net: Transformer, model_name: str | None = None,
-               merge: bool = True) -> ExitHeads:
-    """Read a heads file made for `net`; every problem is one clear HeadsFileError. Its LoRA deltas,
-    if any, are merged into `net` (once), unless `merge` is False (cee-train --init)."""
+def load_heads(path: str | Path, model: Model, merge: bool = True) -> ExitHeads:
+    """Read a heads file made for `model`; every problem is one clear HeadsFileError. Its LoRA deltas,
+    if any, are merged into the model (once; recorded in model.weights), unless `merge` is False
+    (cee-train --init)."""
     from safetensors import safe_open
 
+    net, model_name, prov = model.net, model.name, model.weights
     path = Path(path).expanduser()
     if not path.is_file():
         raise HeadsFileError(f"heads file {path} does not exist: pass the path of a .safetensors heads "
@@ -261,11 +246,11 @@ def load_heads(path: str | Path, net: Transformer, model_name: str | None = None
     here = f"{model_name or 'the loaded model'} ({net.args.n_layers} layers, dim {net.args.dim})"
     probe = tensors.pop("base_probe", None)
     if base.get("config_sha256") != config_sha(net) or probe is None \
-            or not _probe_matches(base_probe(net), probe):
+            or not probes_match(prov.base_probe(net), probe):
         raise HeadsFileError(f"heads file {path} was made for {base_desc}, not for {here}: load the "
                              "base model it was made for, or make heads for this model")
     identity = str(path.resolve())
-    merged = getattr(net, "merged_with", None)
+    merged = prov.merged
     if merged is not None and merged != identity:
         raise HeadsFileError(f"this model already carries the fine-tuned weights of {merged}; heads file "
                              f"{path} was made for other weights: load the base model again to use it")
@@ -297,5 +282,11 @@ def load_heads(path: str | Path, net: Transformer, model_name: str | None = None
     heads.load_state_dict({k: t.to(device=w.device, dtype=torch.float32 if k.startswith("lora.") else w.dtype)
                            for k, t in tensors.items()})
     if lora is not None and merged is None and merge:
-        lora.merge(net, identity)
+        if prov.quantized:
+            raise HeadsFileError(f"heads file {path} carries LoRA deltas, which cannot be merged into "
+                                 f"{prov.quantized} weights: load the model with quantize none, or use "
+                                 "heads without LoRA")
+        prov.changing(net)
+        lora.merge(net)
+        prov.merged = identity
     return heads.eval().requires_grad_(False)

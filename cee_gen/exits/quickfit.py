@@ -47,7 +47,6 @@ def collect(model, layers: list[int], n_prompts: int, new_tokens: int):
     """Features norm(h_l) (N, D) per layer and oracle 'safe to exit' labels (N,) per layer."""
     import cee_gen
     from cee_gen.cache import StaticKVCache, cache_slots
-    from cee_gen.model import layer_devices
 
     net, L = model.net, model.n_layers
     results = cee_gen.generate(model, PROMPTS[:n_prompts], max_new_tokens=new_tokens, batch_size=8)
@@ -58,8 +57,7 @@ def collect(model, layers: list[int], n_prompts: int, new_tokens: int):
         P, T = len(r.prompt_token_ids), len(seq)
         if T - P < 2:
             continue
-        cache = StaticKVCache(net.args, 1, cache_slots(T), net.tok_embeddings.weight.dtype,
-                              layer_devices(net))
+        cache = StaticKVCache.for_net(net, 1, cache_slots(T))
         step = net.make_step(torch.arange(T, device=model.device), torch.zeros(1, dtype=torch.long,
                              device=model.device), cache.n_slots, T)
         h = net.embed(torch.tensor([seq], device=model.device))

@@ -3,7 +3,7 @@
 One interface for all. A strategy is either *planned* (the exit layer of every row is known before
 the step from the token alone: `static`, `hash`) or *decided* at candidate layers from signals
 (`Signals`: the hidden state, the exit-head logits, the policy's p(exit)), each computed only when
-the strategy reads it. Layer L is always the last resort. Sources (shared/reference/methods.md):
+the strategy reads it. Layer L is always the last resort. Sources (docs/early-exit.md):
 
 - `full`: no exit.  `static`: every token exits after k layers (the control for speed).
 - `policy`: ConsistentEE (Zeng et al., AAAI 2024, §1.7): first candidate with p(exit) >= t (0.5).
@@ -31,8 +31,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cee_gen.config import ExitConfig
-from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
 
 
@@ -202,44 +200,3 @@ class Saturation(_Threshold):
         out = self.has_prev[rows] & (cos >= self.t)  # the first candidate has nothing to compare with
         self.prev[rows], self.has_prev[rows] = u, True
         return out
-
-
-class Cascade(Confidence):
-    """The small model = layers 1..k + its exit head, or a second checkpoint (ExitRun.small, run by
-    Decoder.cascade_step); below the threshold the large model takes over."""
-
-    name = "cascade"
-
-
-def make_strategy(ex: ExitConfig, heads: ExitHeads, vocab_size: int, special_ids=()) -> Strategy:
-    """The strategy an ExitConfig names, for the model `heads` is attached to."""
-    L = heads.net.args.n_layers
-    s = ex.strategy
-    if s == "full":
-        return Full([], L)
-    if s == "static":
-        return Static(ex.exit_layer, L)
-    if s == "cascade":
-        if ex.cascade_model is not None:  # a second checkpoint: the engine's cascade step
-            return Cascade([], L, ex.thresh)
-        if ex.exit_layer not in heads.layers:
-            raise CeeGenError(f"cascade exit_layer {ex.exit_layer} has no exit head (the heads file "
-                              f"covers {heads.layers})")
-        return Cascade([ex.exit_layer], L, ex.thresh)
-    layers = ex.candidates(L, heads.layers)
-    if s == "hash":
-        return Hash(layers, L, vocab_size, ex.hash_method, special_ids)
-    if s == "policy":
-        if not heads.has_policy:
-            raise CeeGenError(f"exit policy: heads file {heads.meta.get('path')} has no policy heads: "
-                              "pass heads trained by cee-train (or python -m cee_gen.exits.quickfit)")
-        return PolicyExit(layers, L, ex.thresh)
-    if s == "confidence":
-        return Confidence(layers, L, ex.thresh)
-    if s == "entropy":
-        return Entropy(layers, L, ex.thresh)
-    if s == "patience":
-        return Patience(layers, L, ex.patience)
-    if s == "saturation":
-        return Saturation(layers, L, ex.thresh)
-    raise CeeGenError(f"unknown exit strategy {s!r}")

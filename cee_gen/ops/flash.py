@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-from cee_gen.config import ATTENTION
 from cee_gen.errors import CeeGenError
 
 MIN_VERSION = (2, 6)  # cache_leftpad (left-padded batches) arrived in flash-attn 2.6.0
@@ -54,10 +53,8 @@ def why_not(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | No
 
 
 def choose(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """`sdpa` or `flash` for a model: auto takes flash when it can serve; flash asked for and
-    impossible is an error that says why."""
-    if requested not in ATTENTION:
-        raise CeeGenError(f"unknown attention {requested!r}: use one of {', '.join(ATTENTION)}")
+    """`sdpa` or `flash` for a model (`requested`: auto, sdpa or flash, as LoadConfig validates): auto
+    takes flash when it can serve; flash asked for and impossible is an error that says why."""
     if requested == "sdpa":
         return "sdpa"
     reason = why_not(device, dtype, head_dim)

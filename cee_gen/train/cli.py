@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from cee_gen.cli import config_from, config_parser, exit_with
-from cee_gen.config import TrainConfig
+from cee_gen.train.config import TrainConfig
 
 EXAMPLES = """\
 examples:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from cee_gen.cache import StaticKVCache
-from cee_gen.model import Transformer, layer_devices
+from cee_gen.model import Transformer
 
 
 def rollout(net: Transformer, tokens: torch.Tensor, layers: list[int], may_exit: torch.Tensor,
@@ -31,7 +31,7 @@ def rollout(net: Transformer, tokens: torch.Tensor, layers: list[int], may_exit:
     L, dev = net.args.n_layers, tokens.device
     pad = torch.zeros(B, dtype=torch.long, device=dev) if pad is None else pad
     # scratch for the layers
-    cache = StaticKVCache(net.args, B, T, net.tok_embeddings.weight.dtype, layer_devices(net))
+    cache = StaticKVCache.for_net(net, B, T)
     step = net.make_step(torch.arange(T, device=dev), pad, T, T)
     cand = set(x for x in layers if x < L)
     h = net.embed(tokens)  # (B, T, D)

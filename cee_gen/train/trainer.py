@@ -31,13 +31,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from cee_gen.config import ExitConfig, TrainConfig
+from cee_gen.config import ExitConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.files import atomic_path, pyplot, save_figure
 from cee_gen.train import objectives as ob
 from cee_gen.train.accel import Accel
+from cee_gen.train.config import TrainConfig
 from cee_gen.train.rollout import rollout
+from cee_gen.weights.lora import LoRA, parse_targets
 
 
 @dataclass
@@ -465,11 +467,11 @@ class _Bar:
             self.bar = None
 
 
-def _load_init(heads: ExitHeads, path: str, net, name: str) -> dict:
+def _load_init(heads: ExitHeads, path: str, model) -> dict:
     """Start from a heads file's tensors (same layout); its LoRA is merged later, with this run's."""
     from cee_gen.exits.heads import load_heads
 
-    src = load_heads(path, net, name, merge=False)  # identity and integrity checks
+    src = load_heads(path, model, merge=False)  # identity and integrity checks
     want, got = heads.state_dict(), src.state_dict()
     if want.keys() != got.keys() or any(want[k].shape != got[k].shape for k in want):
         raise CeeGenError(f"--init {path}: its heads (layers {src.layers}, adapter rank {src.adapter_rank}, "
@@ -523,8 +525,6 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
     seqs = prepare(model, cfg)
     pol_seqs = seqs[:cfg.policy_examples] if cfg.policy_examples else seqs
     pad = model.pad_token_id
-    from cee_gen.lora import LoRA, parse_targets
-
     lora = LoRA(net.args, cfg.lora_rank, parse_targets(cfg.lora_targets), cfg.lora_alpha) \
         if cfg.lora_rank else None
     heads = ExitHeads(net, layers, adapter_rank=cfg.adapter_rank, policy=cfg.policy,
@@ -532,7 +532,7 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
     metrics = out.with_name(out.name + ".metrics.jsonl")
     done, summary, m_tab, hists = [], {}, None, {}
     if cfg.init:
-        summary["init"] = _load_init(heads, cfg.init, net, model.name)
+        summary["init"] = _load_init(heads, cfg.init, model)
     if state:
         heads.load_state_dict(state["heads"])
         gen.set_state(state["gen"])
@@ -582,7 +582,9 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
             del X
         bar.close()
     if lora is not None:
-        lora.merge(net, "cee-train")  # stages 2, 3 and the memorized layers see the fine-tuned model
+        model.weights.changing(net)  # the heads file keeps the base weights' probe
+        lora.merge(net)  # stages 2, 3 and the memorized layers see the fine-tuned model
+        model.weights.merged = "cee-train"
     if "1" not in done:
         m_tab, m = memorized_layers(net, heads, pol_seqs, pad, layers, cfg.target, cfg.batch_size)
         hists["memorized"] = {int(k): int(v) for k, v in zip(*m.unique(return_counts=True))}
@@ -609,7 +611,7 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
     acc.acc.wait_for_everyone()
     if not acc.main:
         return out
-    heads.save(out, base_name=model.name, half=True)
+    heads.save(out, base_name=model.name, half=True, probe=model.weights.base_probe(net))
     ckpt_path.unlink(missing_ok=True)
     png = plot_training(metrics, hists, out.with_name(out.name + ".png"))
     progress(f"cee-train: wrote {out} ({heads.n_params()} parameters); metrics in {metrics}"

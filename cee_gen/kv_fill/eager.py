@@ -1,36 +1,34 @@
-"""KV-cache copy-forward: fill the K/V of the layers an exited token skipped (reference twin).
+"""The eager fill: at the exit, one op writes the K/V of every layer the exiting rows skipped.
 
-A token that exits after layer e (it ran layers [0, e)) still has to be visible to later tokens at
-layers [e, L). Modes (shared/reference/methods.md §1.7, peer_systems.md §1):
-- `propagate` (default, as ConsistentEE trains): its exit hidden state h is copied forward and each
-  skipped layer j projects it: K_j = RoPE(W_k^j RMSNorm_j(h)), V_j = W_v^j RMSNorm_j(h).
-- `propagate-raw`: the same without RMSNorm_j (what ConsistentEE's released inference code does).
-- `copy-kv`: layer e-1's K/V copied into layers [e, L) (cheapest; known to hurt quality).
-- `recompute` (EE-LLM's KV recomputation): nothing is filled here. The engine keeps the exit state
-  and runs it through the deeper layers together with the next token of its row that goes deeper,
-  so the deep KV is exact (engine.py, `_Pending`).
-
-`propagate` in one matmul: RMSNorm_j(h) = g_j * n(h), with n(h) = h / rms(h) the same for every j,
-so W^j RMSNorm_j(h) = (W^j diag(g_j)) n(h). Folding g_j into the stacked K/V weights of all layers
-turns the fill for every skipped layer and every exited row into one (rows, D) x (D, layers*2*kv)
-product (the fold is computed once per model). The fill itself is the op `cee_gen::kv_fill`
-(cee_gen/ops): the CUDA kernel of csrc/ on a GPU with the extension built, else its PyTorch twin,
-ops/reference.py, which tests compare the kernel against.
+Serves `propagate` with fill_timing eager, `propagate-raw` and `copy-kv` (kv_fill/__init__.py says
+which runs when). `propagate` in one matmul: RMSNorm_j(h) = g_j * n(h), with n(h) = h / rms(h) the
+same for every j, so W^j RMSNorm_j(h) = (W^j diag(g_j)) n(h). Folding g_j into the stacked K/V weights
+of all layers turns the fill for every skipped layer and every exited row into one (rows, D) x
+(D, layers*2*kv) product (the fold is computed once per model). The fill itself is the op
+`cee_gen::kv_fill` (cee_gen/ops): the CUDA kernel of csrc/ on a GPU with the extension built, else its
+PyTorch twin, ops/reference.py, which tests compare the kernel against.
 """
 
 from __future__ import annotations
 
+import time
+from typing import TYPE_CHECKING
+
 import torch
 
 from cee_gen import ops
-from cee_gen.model import Step, Transformer, rows_slots
-from cee_gen.quant import dense_weight
+from cee_gen.model import Step, Transformer
+from cee_gen.weights.quant import dense_weight
 
-MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
-FILL_MODES = MODES[:3]  # the modes this module fills; recompute is the engine's
+if TYPE_CHECKING:
+    from cee_gen.engine.exit_step import Running
+
+FILL_MODES = ("propagate", "propagate-raw", "copy-kv")  # the modes filled at the exit
 
 
 class KVFiller:
+    """Writes the skipped layers' K/V of exit states, for every segment of a (possibly split) model."""
+
     def __init__(self, net: Transformer):
         a = net.args
         self.net, self.kv = net, a.n_kv_heads * a.head_dim
@@ -58,7 +56,7 @@ class KVFiller:
         if mode == "copy-kv" and e == 0:
             raise ValueError("copy-kv needs at least one computed layer (exit_layer >= 1)")
         B, T, D = h.shape
-        rows, slots = rows_slots(step, B, T)  # (B, 1), (B, T)
+        rows, slots = step.index(B, T)  # (B, 1), (B, T)
         rows, slots = rows.expand(B, T).reshape(-1), slots.reshape(-1)  # (N,) entries, N = B*T
         hd, k, v = a.head_dim, cache.k, cache.v
         x, cos, sin = h.reshape(B * T, D), step.cos.reshape(B * T, hd), step.sin.reshape(B * T, hd)
@@ -79,3 +77,28 @@ class KVFiller:
             w = (self.w_folded if mode == "propagate" else self.w_raw)[s]
             ops.kv_fill(x.to(dev), w, self.bias[s], cos.to(dev), sin.to(dev), r, sl, None, first - lo,
                         k[lo:hi], v[lo:hi], a.norm_eps, mode == "propagate")
+
+
+class EagerFill:
+    """The exit step's eager fill: layers run plainly; rows that exit get their skipped layers'
+    K/V written at once (KVFiller), its time counted in the step's `fill_s`."""
+
+    needs_scratch = False
+
+    def __init__(self, net: Transformer, mode: str, timings):
+        self.filler, self.mode, self.tm = KVFiller(net), mode, timings
+
+    def begin(self, st: Running) -> None:
+        pass
+
+    def layers(self, st: Running, lo: int, hi: int, run) -> None:
+        st.h = st.net.forward_layers(st.h, lo, hi, st.step, st.cache, run)
+
+    def exited(self, st: Running, out: list[int], idx: torch.Tensor, layer: int) -> None:
+        if layer >= st.net.args.n_layers:
+            return
+        t0 = time.perf_counter()
+        every = len(out) == len(st.host)  # all running rows exit: no gather needed
+        self.filler.fill(st.cache, st.h if every else st.h[idx], layer,
+                         st.step if every else st.step.select(idx), self.mode)
+        self.tm.fill_s += time.perf_counter() - t0

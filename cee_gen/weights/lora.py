@@ -9,8 +9,8 @@ Two ways to apply it, one set of tensors:
 - `attach(net)` while training: forward hooks add s B (A x) to the slice of each target's output,
   the base weights untouched and frozen (gradients reach A and B only).
 - `merge(net)` at load time: W[slice] += s B A once, after which decoding is the plain model at
-  plain speed (no extra matmuls per token). `merged_with` records it on the model, so the same
-  deltas are never added twice and heads of another fine-tune are refused.
+  plain speed (no extra matmuls per token). The model's provenance record (weights/provenance.py)
+  notes it, so the same deltas are never added twice and heads of another fine-tune are refused.
 """
 
 from __future__ import annotations
@@ -96,27 +96,14 @@ class LoRA(nn.Module):
         return handles
 
     @torch.no_grad()
-    def merge(self, net: Transformer, identity: str) -> None:
-        """Add the deltas into net's weights once (summed in fp32, stored in the weights' dtype).
-
-        Records on the model what it now carries (`merged_with`, e.g. the heads file) and the base
-        weights' probe from before (`base_probe`), which heads files keep matching against."""
-        from cee_gen.exits.heads import weight_probe
-        from cee_gen.quant import quantized
-
-        if quantized(net):
-            raise CeeGenError(f"these heads carry LoRA deltas, which cannot be merged into {quantized(net)} "
-                              "weights: load the model with quantize none, or use heads without LoRA")
-        if getattr(net, "merged_with", None) is not None:
-            raise CeeGenError(f"this model already carries the LoRA deltas of {net.merged_with}: load "
-                              "the base model again to use others")
-        net.base_probe = weight_probe(net)
+    def merge(self, net: Transformer) -> None:
+        """Add the deltas into net's weights (summed in fp32, stored in the weights' dtype). The
+        caller records it in the model's provenance (exits/heads.py, load_heads)."""
         for (i, blk, lin), parts in self._by_linear().items():
             w = getattr(getattr(net.layers[i], blk), lin).weight  # (out, in)
             for t, r0, n in parts:
                 d = self.delta(i, t).to(device=w.device, dtype=torch.float32)
                 w[r0:r0 + n] = (w[r0:r0 + n].float() + d).to(w.dtype)
-        net.merged_with = identity
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -9,9 +9,9 @@ Two things must see through the quantized modules:
 - the KV fill, which projects exit states with every skipped layer's K/V weights at once: it takes
   them dequantized once (`dense_weight`). That is a dense copy of 2*kv*D per layer in the model
   dtype, a sixth of a Llama-2-7B layer;
-- heads files, which identify their model by a probe of its weights: the probe is taken before
-  quantizing (`base_probe`), so heads trained on the full-precision model still match. LoRA deltas
-  cannot be merged into quantized weights (lora.py refuses them).
+- heads files, which identify their model by a probe of its weights: the loader records the probe
+  before quantizing (weights/provenance.py), so heads trained on the full-precision model still match.
+  LoRA deltas cannot be merged into quantized weights (exits/heads.py refuses them).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import logging
 import torch
 import torch.nn as nn
 
-from cee_gen.config import QUANTIZE
 from cee_gen.errors import CeeGenError
 
 _PROJECTIONS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w13"), ("feed_forward", "w2"))
@@ -55,26 +54,14 @@ def _quantized(bnb, mode: str, lin: nn.Linear, dtype: torch.dtype, device: torch
 
 
 def quantize_(net, mode: str) -> None:
-    """Replace the layers' projections of `net` (in place) by `mode` bitsandbytes modules."""
-    if mode not in QUANTIZE:
-        raise CeeGenError(f"unknown quantize {mode!r}: use one of {', '.join(QUANTIZE)}")
-    if mode == "none":
-        return
+    """Replace the layers' projections of `net` (in place) by `mode` ("8bit" or "4bit", validated by
+    LoadConfig) bitsandbytes modules."""
     bnb = _bnb()
-    from cee_gen.exits.heads import weight_probe
-
-    net.base_probe = weight_probe(net)  # before quantizing: heads files keep matching these weights
     dt, dev = net.tok_embeddings.weight.dtype, net.tok_embeddings.weight.device
     for blk in net.layers:
         for part, name in _PROJECTIONS:
             parent = getattr(blk, part)
             setattr(parent, name, _quantized(bnb, mode, getattr(parent, name), dt, dev))
-    net.quantized = mode
-
-
-def quantized(net) -> str | None:
-    """'8bit' / '4bit' when net's layers are quantized, else None."""
-    return getattr(net, "quantized", None)
 
 
 def dense_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:

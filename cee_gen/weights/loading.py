@@ -1,7 +1,7 @@
 """Load a LLaMA-family checkpoint into our `Transformer`.
 
 Sources: a local HF checkpoint folder (safetensors or .bin shards), a `.gguf` file (converted once to
-safetensors in the cache, see default_model.py), a hub id (when a hub is reachable), or None for the
+safetensors in the cache, see weights/default_model.py), a hub id (when a hub is reachable), or None for the
 embedded default model. HF transformers supplies the config and the tokenizer; the weights are read
 with safetensors and renamed into our fused layout (q|k|v -> wqkv, gate|up -> w13).
 """
@@ -15,19 +15,20 @@ from pathlib import Path
 
 import torch
 
-from cee_gen import placement
 from cee_gen.config import LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
 from cee_gen.ops import flash
-from cee_gen.quant import quantize_
+from cee_gen.weights import placement
+from cee_gen.weights.provenance import Provenance
+from cee_gen.weights.quant import quantize_
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class Model:
-    """A loaded model: our network, its tokenizer and where it came from."""
+    """A loaded model: our network, its tokenizer, where it came from and what weights it carries."""
 
     net: Transformer
     tokenizer: object
@@ -37,6 +38,7 @@ class Model:
     eos_token_ids: list[int]
     pad_token_id: int
     meta: dict = field(default_factory=dict)
+    weights: Provenance = field(default_factory=Provenance)  # merged LoRA, quantization, base probe
     decoders: dict = field(default_factory=dict, repr=False)  # (compile, mode) -> engine.Decoder
     exit_heads: dict = field(default_factory=dict, repr=False)  # heads path (None: logit lens) -> ExitHeads
     cascade_models: dict = field(default_factory=dict, repr=False)  # path -> small Model (cascade)
@@ -70,17 +72,16 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """A LoadConfig dtype (validated) as a torch dtype: auto is bfloat16 on CUDA, float32 elsewhere."""
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise CeeGenError(f"unknown dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return _DTYPES[dtype]
 
 
 def resolve_checkpoint(name_or_path: str | None) -> Path:
     """A local HF folder for the requested model, fetching/converting it once if needed."""
     if name_or_path is None:
-        from cee_gen.default_model import ensure_default_model
+        from cee_gen.weights.default_model import ensure_default_model
 
         return ensure_default_model()
     p = Path(name_or_path).expanduser()
@@ -91,7 +92,7 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
         return p
     if p.is_file():
         if p.suffix == ".gguf":
-            from cee_gen.default_model import ensure_converted_gguf
+            from cee_gen.weights.default_model import ensure_converted_gguf
 
             return ensure_converted_gguf(p)
         raise ModelLoadError(f"{p} is a file but not a .gguf: pass a checkpoint folder or a .gguf file")
@@ -222,9 +223,9 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
                device_map: str | None = None) -> Model:
     """Load a model: None = the embedded default model (SmolLM2-135M-Instruct).
 
-    quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (cee_gen/quant.py).
-    attention auto / sdpa / flash: the attention kernel (cee_gen/ops/flash.py).
-    device_map auto or DEV=N,...: layers split across devices (cee_gen/placement.py); `device` is
+    quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (weights/quant.py).
+    attention auto / sdpa / flash: the attention kernel (ops/flash.py).
+    device_map auto or DEV=N,...: layers split across devices (weights/placement.py); `device` is
     then ignored, the map's first device is the model's."""
     LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize,
                attention=attention, device_map=device_map).validate()
@@ -251,14 +252,18 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     net = build_transformer(args, _read_state_dict(path), dt, dev or torch.device("cpu"))
     if device_map is not None:
         placement.place(net, placement.plan(net, device_map))
-    quantize_(net, quantize)
+    weights = Provenance()
+    if quantize != "none":
+        weights.changing(net)  # heads files keep matching the full-precision weights
+        quantize_(net, quantize)
+        weights.quantized = quantize
     net.attn_impl = attn
 
     eos = _eos_ids(path, hf_cfg, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     name = name_or_path or "SmolLM2-135M-Instruct"
     return Model(net=net, tokenizer=tok, args=args, name=str(name), path=path, eos_token_ids=eos,
-                 pad_token_id=pad, meta={"config": hf_cfg.to_dict()})
+                 pad_token_id=pad, meta={"config": hf_cfg.to_dict()}, weights=weights)
 
 
 def _eos_ids(path: Path, hf_cfg, tok) -> list[int]:
