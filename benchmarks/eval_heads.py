@@ -46,7 +46,7 @@ def _auroc(score: torch.Tensor, positive: torch.Tensor) -> float | None:
 @torch.no_grad()
 def evaluate(model, heads, seqs, batch_size: int = 4) -> dict:
     from cee_gen.train import objectives as ob
-    from cee_gen.train.trainer import collect_states
+    from cee_gen.train.stages import collect_states
 
     net, L = model.net, model.n_layers
     layers = heads.layers
@@ -80,8 +80,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import cee_gen
-    from cee_gen.train.config import TrainConfig
     from cee_gen.exits.heads import load_heads
+    from cee_gen.train.config import TrainConfig
     from cee_gen.train.trainer import prepare
 
     args.out.parent.mkdir(parents=True, exist_ok=True)

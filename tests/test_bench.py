@@ -12,7 +12,9 @@ from conftest import CORPUS, make_tiny_checkpoint, write_instruction_set
 import cee_gen
 from cee_gen.bench import metrics
 from cee_gen.bench.config import BenchConfig
-from cee_gen.bench.suite import BASELINES, Journal, calibrate, grid, run
+from cee_gen.bench.settings import BASELINES, grid
+from cee_gen.bench.suite import Journal, run
+from cee_gen.bench.summary import calibrate
 from cee_gen.errors import CeeGenError
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.weights.loading import convert_hf_state_dict, to_hf_state_dict

@@ -9,7 +9,8 @@ from conftest import make_tiny_checkpoint, write_instruction_set
 import cee_gen
 from cee_gen.errors import CeeGenError
 from cee_gen.train.config import TrainConfig
-from cee_gen.train.trainer import collate, prepare, train
+from cee_gen.train.stages import collate
+from cee_gen.train.trainer import prepare, train
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def _cfg(setup, **kw):
 
 
 def test_collate_aligns_targets_and_masks_response_positions_only():
-    from cee_gen.train.trainer import Sequence
+    from cee_gen.train.stages import Sequence
 
     tokens, target, mask = collate([Sequence([5, 6, 7, 8], 2), Sequence([5, 9, 10], 1)], 0, "cpu")
     assert tokens.tolist() == [[5, 6, 7, 8], [5, 9, 10, 0]]
@@ -80,7 +81,7 @@ def test_streamed_memorized_layers_equal_the_full_table(setup):
     the complete correctness table."""
     from cee_gen.exits.heads import ExitHeads
     from cee_gen.train import objectives as ob
-    from cee_gen.train.trainer import collect_states, memorized_layers
+    from cee_gen.train.stages import collect_states, memorized_layers
 
     model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
     net, L = model.net, model.n_layers
@@ -143,9 +144,9 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint(setup, monkeypat
 @pytest.mark.parametrize("direction", [-1, 1])
 def test_stage2_moves_the_policy_the_way_its_reward_points(setup, monkeypatch, direction):
     """Reward depth (or shallowness) alone: REINFORCE must move the mean exit layer that way."""
-    from cee_gen.train import trainer
+    from cee_gen.train import stages
 
-    monkeypatch.setattr(trainer.ob, "hardness_reward",
+    monkeypatch.setattr(stages.ob, "hardness_reward",
                         lambda ce, e, m, L, alpha: direction * e.float())
     cfg = _cfg(setup, stages="2", explore="bernoulli", replicas=4, policy_init_p=0.3)
     cfg.epochs, cfg.lr_policy = 4, 0.1
@@ -189,7 +190,7 @@ def test_regression_start_solves_the_least_squares_problem_and_beats_the_logit_l
     import torch.nn.functional as F
 
     from cee_gen.exits.heads import ExitHeads
-    from cee_gen.train.trainer import collect_states, fit_adapters
+    from cee_gen.train.stages import collect_states, fit_adapters
 
     model = cee_gen.load_model(str(setup / "m"), dtype="float32", device="cpu")
     net, L = model.net, model.n_layers
