@@ -8,7 +8,8 @@ Settings: `full`, the model with the heads file loaded (its LoRA deltas merged, 
 full depth; `base full`, the original model at full depth (no heads, so no LoRA deltas); then each
 strategy in --strategies at each threshold, with the same heads and weights as `full`. ROUGE-L F
 (rouge-score, stemming on) of the text up to the first EOS, x100, and the token agreement with
-`full`'s output. One JSON object per line appended to --out. A preview of the benchmark harness.
+`full`'s output. One JSON object per line appended to --out. A quick check of one heads file on one
+split; `cee-bench` (cee_gen/bench/) is the harness: every set, dev calibration, HF in the same run.
 """
 
 from __future__ import annotations
