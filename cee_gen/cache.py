@@ -2,7 +2,7 @@
 
 One K and one V tensor per layer, (B, H_kv, S, hd), written by slot index (gpt-fast `KVCache`). One
 tensor per layer rather than one shared tensor sliced by layer: a shared tensor made the compiled
-decode step 2.5x slower (shared/reference/default_model_profile.md).
+decode step 2.5x slower (measured on the default model).
 
 `filled[i]` says how many slots layer i holds. It is tracked explicitly, never inferred from non-zero
 entries: when a token exits early, the deeper layers' entries for it are written by a KV fill, not by

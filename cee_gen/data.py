@@ -1,15 +1,15 @@
 """Datasets for training and benchmarks: Alpaca, Dolly and CNN/DM, split, templated, length-limited.
 
-Sources, in order: `data_dir` (argument), `$CEE_GEN_DATA`, the project's `../shared/data` when it
-exists (gzip JSON Lines, described in its README), else the same sets by name from the hub through
-HF `datasets` (`pip install datasets`). Each row becomes an `Example` with a stable string id.
+Sources, in order: `data_dir` (argument), `$CEE_GEN_DATA` (a folder of gzip JSON Lines, laid out as
+docs/benchmarks.md, "Data", describes), else the same sets by name from the hub through HF `datasets`
+(`pip install datasets`). Each row becomes an `Example` with a stable string id.
 
 Splits (fixed, documented, the same everywhere): a row's split is decided by sha256("<set>:<id>")
 mod 100: 0-79 train, 80-89 dev, 90-99 test. Training reads only train, tuning only dev, and reported
 results only test. The split depends on the id alone, so it does not change with file order, with a
-partial file, or between the local copy and the hub (the ids match, see shared/data/README.md).
+partial file, or between a local copy and the hub (the ids are the hub's).
 
-Templates (shared/reference/methods.md §1.8): `alpaca` (with and without input, as Stanford Alpaca),
+Templates (ConsistentEE's evaluation): `alpaca` (with and without input, as Stanford Alpaca),
 `cnndm` ("Please generate highlights for the articles.\\n\\n{article}\\n\\n### highlights:\\n"), or
 `chat` (the tokenizer's chat template around the instruction and input). Length limits cut the
 *source text* (the input or the article), never the template, so a long article still ends in
@@ -75,10 +75,7 @@ def split_of(dataset: str, row_id: str) -> str:
 
 def default_data_dir() -> Path | None:
     env = os.environ.get("CEE_GEN_DATA")
-    if env:
-        return Path(env).expanduser()
-    shared = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # a checkout's ../shared
-    return shared if shared.is_dir() else None
+    return Path(env).expanduser() if env else None
 
 
 def _from_row(name: str, row: dict) -> Example:

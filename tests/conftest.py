@@ -134,6 +134,13 @@ def tiny_model(tiny_dir):
     return cee_gen.load_model(str(tiny_dir), dtype="float32", device="cpu")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests on the real default model are slow: the fast suite (-m "not slow") leaves them out."""
+    for item in items:
+        if item.get_closest_marker("default_model") is not None:
+            item.add_marker(pytest.mark.slow)
+
+
 def default_model_available() -> bool:
     """The default model is used when it is in the cache or can be fetched (CI fetches it once)."""
     return os.environ.get("CEE_GEN_SKIP_DEFAULT_MODEL") != "1"

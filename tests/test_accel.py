@@ -67,6 +67,7 @@ def test_fp16_without_a_gpu_is_a_clear_error():
         TrainConfig(out="h.safetensors", mixed_precision="fp16").validate()
 
 
+@pytest.mark.slow
 def test_two_data_parallel_processes_split_the_batches_and_write_one_file(tmp_path):
     """torchrun, 2 CPU processes (gloo): each runs half the steps, gradients are averaged, and the
     main process alone writes the heads file, which loads and drives generation."""

@@ -21,7 +21,10 @@ def test_json_output_has_text_token_ids_and_stats(tiny_dir, capsys):
     assert code == 0 and len(rows) == 2
     for r in rows:
         assert {"text", "token_ids", "stats"} <= r.keys()
-        assert 1 <= len(r["token_ids"]) <= 6 and r["stats"]["decode_tokens_per_s"] >= 0
+        n, s = len(r["token_ids"]), r["stats"]
+        assert 1 <= n <= 6 and s["generated_tokens"] == n
+        # decode speed counts the tokens after the first (which comes from the prefill)
+        assert s["decode_tokens_per_s"] == (pytest.approx((n - 1) / s["decode_s"]) if n > 1 else 0.0)
 
 
 def test_cli_matches_api(tiny_dir, tiny_model, capsys):

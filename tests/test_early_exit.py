@@ -162,6 +162,7 @@ def test_stats_carry_exit_telemetry(model4, policy_file):
     assert e.stats["fill_timing"] == "eager" and e.stats["fill_s"] > 0
 
 
+@pytest.mark.slow
 def test_compiled_exit_step_gives_the_eager_tokens_and_exit_layers(model4, policy_file):
     """Per-token strategies under compile: their layers and exit heads run as compiled graphs (one
     for a layer, shared by all layers), decisions and gathers stay eager. Batched, so rows finish

@@ -167,6 +167,7 @@ def test_default_model_batch_equals_one_by_one(default_model):
     assert [r.token_ids for r in many] == [r.token_ids for r in one]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
 def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model, mode):
     """The compiled step (matmuls as fused multiply-sums) changes summation order, not results.

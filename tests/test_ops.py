@@ -204,6 +204,7 @@ def test_bad_build_flag_is_rejected():
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA source compile check needs it")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
 def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
@@ -213,6 +214,7 @@ def test_cuda_kernels_compile_with_nvcc(arch, tmp_path):
     assert out.returncode == 0, out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the binding check needs the CUDA headers")
 def test_torch_binding_compiles_against_torch_and_cuda_headers(tmp_path):
     inc = Path(torch.__file__).parent / "include"

@@ -67,6 +67,7 @@ def test_static_exit_batch_equals_one_by_one(tiny_model):
     assert [r.token_ids for r in many] == [r.token_ids for r in one]
 
 
+@pytest.mark.slow
 def test_compiled_static_exit_equals_eager(tiny_model):
     ex = ExitConfig(strategy="static", exit_layer=2)
     eager = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=12, exit=ex)

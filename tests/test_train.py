@@ -38,6 +38,7 @@ def test_collate_aligns_targets_and_masks_response_positions_only():
     assert mask.tolist() == [[False, True, True, False], [True, True, False, False]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(), dict(lora_rank=0), dict(weighting="cosee"),
                                 dict(lora_rank=0, weighting="cosee"),
                                 dict(mixed_precision="bf16", grad_accum=2, lr_heads=6e-2, lr_lora=2e-3)],
@@ -64,6 +65,7 @@ def test_three_stages_run_losses_fall_and_the_heads_drive_the_policy_strategy(se
     assert not (setup / "h.safetensors.ckpt").exists()  # the checkpoint goes once the file is written
 
 
+@pytest.mark.slow
 def test_lora_fine_tuning_changes_the_model_and_the_file_carries_it(setup):
     from cee_gen.exits.heads import load_heads
 
@@ -104,6 +106,7 @@ def test_streamed_memorized_layers_equal_the_full_table(setup):
     assert len(seen) > 2, seen  # the tables are not trivial
 
 
+@pytest.mark.slow
 def test_resume_after_an_interruption_ends_with_the_same_heads(setup, monkeypatch):
     from safetensors.torch import load_file
 
@@ -141,6 +144,7 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint(setup, monkeypat
         train(_cfg(setup, out=str(setup / "r.safetensors"), resume=True, alpha=0.5), progress=lambda m: None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("direction", [-1, 1])
 def test_stage2_moves_the_policy_the_way_its_reward_points(setup, monkeypatch, direction):
     """Reward depth (or shallowness) alone: REINFORCE must move the mean exit layer that way."""
@@ -215,6 +219,7 @@ def test_regression_start_solves_the_least_squares_problem_and_beats_the_logit_l
             assert ce(low) < ce(lens), x
 
 
+@pytest.mark.slow
 def test_init_starts_from_a_heads_file_and_a_mismatched_one_is_refused(setup):
     from safetensors import safe_open
     from safetensors.torch import load_file

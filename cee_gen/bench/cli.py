@@ -7,7 +7,7 @@ from cee_gen.cli import config_from, config_parser, exit_with
 
 EXAMPLES = """\
 examples:
-  cee-bench --out benchmarks/results/bench_cpu.jsonl     # the README's tables and plots (CPU, < 1 h)
+  cee-bench --out benchmarks/results/bench_cpu.jsonl     # docs/benchmarks.md's tables and plots (CPU, < 1 h)
   cee-bench --preset quick --out /tmp/quick.jsonl        # smoke test: a few rows and tokens
   cee-bench --datasets alpaca --strategies policy,confidence --limit 50
   cee-bench --preset authors --device cuda --out authors.jsonl

@@ -16,7 +16,7 @@ BENCH_PRESETS = {
     # every setting below on every row); the chat template the shipped heads were trained with.
     "cpu": dict(limit=10, dev_limit=5, new_tokens=32, repetition_penalty=1.0, template="chat",
                 max_prompt_tokens=384),
-    # ConsistentEE's evaluation (methods.md §1.8): greedy, repetition penalty 1.2, 128 new tokens,
+    # ConsistentEE's evaluation: greedy, repetition penalty 1.2, 128 new tokens,
     # the Alpaca and CNN/DM templates. Sized for a GPU.
     "authors": dict(limit=100, dev_limit=50, new_tokens=128, repetition_penalty=1.2, template="own",
                     max_prompt_tokens=1024),
@@ -40,8 +40,8 @@ class BenchConfig:
                      "(ConsistentEE's protocol: repetition penalty 1.2, 128 tokens, their templates) "
                      "or quick (CI smoke test)", choices=tuple(BENCH_PRESETS))
     datasets: str = _f("alpaca,dolly,cnndm", "comma-separated sets: alpaca, dolly, cnndm")
-    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, a "
-                              "checkout's ../shared/data, else the hub)")
+    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, else "
+                              "the hub)")
     limit: int | None = _f(None, "test rows per set (the first of the test split)")
     dev_limit: int | None = _f(None, "dev rows per set for threshold calibration (0: no calibration)")
     new_tokens: int | None = _f(None, "new tokens per prompt at most (EOS ends a row earlier)")

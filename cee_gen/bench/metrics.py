@@ -2,8 +2,8 @@
 
 - `rouge_f`: ROUGE-1/2/L F1 by Google's `rouge-score`, stemming on (the usual reference
   implementation; ROUGE-L is the sentence-level LCS).
-- `authors_rouge_f`: ROUGE as ConsistentEE's evaluation script computed it (shared/reference/
-  methods.md §1.8): the PyPI `rouge` package (pinned 1.0.1), `Rouge().get_scores(hyp, ref)`, F of
+- `authors_rouge_f`: ROUGE as ConsistentEE's evaluation script computed it (its
+  released code): the PyPI `rouge` package (pinned 1.0.1), `Rouge().get_scores(hyp, ref)`, F of
   rouge-1, rouge-2 and rouge-l, no stemming, the package's own tokenization. It raises on an empty
   hypothesis; that scores 0 here.
 - `token_agreement`: the share of the full model's output positions where this run emitted the same

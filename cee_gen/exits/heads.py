@@ -4,10 +4,10 @@
   RMSNorm and LM head read h_l, optionally through a small low-rank adapter in hidden space,
   z = n + U (D n) with n = norm(h_l), logits = W_out z. A rank-r adapter costs 2 r d parameters
   (74 K for SmolLM2 at r = 64), not a V x d matrix per layer: ConsistentEE's released code keeps 32
-  full heads, 4.2 B extra parameters for LLaMA-7B (shared/reference/methods.md §1.3, §6.1). Without an
+  full heads, 4.2 B extra parameters for LLaMA-7B (its released code). Without an
   adapter the classifier is the logit lens. At l = L it is always the model's own head, unchanged,
   so exits disabled reproduce the full model exactly.
-- **Policy head** at layer l (ConsistentEE, methods.md §1.4): Linear(d, 1) or an MLP d -> hidden ->
+- **Policy head** at layer l (ConsistentEE): Linear(d, 1) or an MLP d -> hidden ->
   1 with GELU (ConsistentEE-BERT), reading norm(h_l) and giving p(exit). It costs one dot product;
   the LM head then runs once per token, at the exit layer only.
 - **LoRA deltas** of the backbone (optional, weights/lora.py): exit-aware fine-tuning makes the

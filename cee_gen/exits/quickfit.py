@@ -6,7 +6,7 @@ What it does (not ConsistentEE's REINFORCE, which is `cee-train`'s job): the mod
 fixed set of built-in instructions; the continuations are run again teacher-forced, and for every
 generated position and candidate layer l the label says whether exiting at l would have been safe:
 the logit lens (final norm + LM head) at l and at every deeper candidate layer gives the model's own
-full-depth token (the "memorized layer" oracle of methods.md §1.5, with the full model's prediction
+full-depth token (the "memorized layer" oracle of ConsistentEE, with the full model's prediction
 as the label). Each layer's policy head is a logistic regression on norm(h_l) fitted to that label.
 The heads carry no classifier adapters: exits read the logit lens.
 """

@@ -28,8 +28,8 @@ class TrainConfig:
     model: str | None = _f(None, "base checkpoint (default: the embedded SmolLM2-135M-Instruct)")
     out: str | None = _f(None, "heads file to write (.safetensors); required")
     dataset: str = _f("alpaca", "training set: alpaca, dolly or cnndm (its train split)")
-    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, a "
-                              "checkout's ../shared/data, else the hub)")
+    data_dir: str | None = _f(None, "folder of the gzip JSON Lines sets (default: $CEE_GEN_DATA, else "
+                              "the hub)")
     template: str | None = _f(None, "prompt template: alpaca, cnndm or chat (default: the set's own)")
     max_examples: int = _f(200, "training rows used (the first of the train split)")
     max_seq_tokens: int = _f(256, "prompt + response tokens per example, at most (longer ones are cut)")

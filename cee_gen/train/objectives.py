@@ -1,4 +1,4 @@
-"""ConsistentEE's training objectives as small tensor functions (shared/reference/methods.md §1.5-1.6).
+"""ConsistentEE's training objectives as small tensor functions (Zeng et al., AAAI 2024, §3).
 
 Layout: per-layer quantities are (n, N) over n candidate exit layers (sorted, the last one is L) and
 N token positions. Position t of a sequence predicts token t+1: `next_token_ce` is the only place
@@ -126,7 +126,7 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def osc_loss(signal: torch.Tensor, correct: torch.Tensor, margin: float) -> torch.Tensor:
-    """COSEE's Online Signal Calibration (methods.md §2.3) for an entropy signal (lower = surer).
+    """COSEE's Online Signal Calibration (COSEE, 2024) for an entropy signal (lower = surer).
 
     signal (n, N): each classifier's normalized entropy per token, with gradients; correct (n, N):
     whether its argmax is the target. For each classifier that has both right and wrong tokens in
@@ -142,7 +142,7 @@ def osc_loss(signal: torch.Tensor, correct: torch.Tensor, margin: float) -> torc
 
 
 def cosee_weights(signal: torch.Tensor, layers: list[int], taus: torch.Tensor, beta: float) -> torch.Tensor:
-    """COSEE's sample weighting (methods.md §2.3), token-level: (n, N) weights, each column sums to 1.
+    """COSEE's sample weighting (COSEE, 2024), token-level: (n, N) weights, each column sums to 1.
 
     signal (n, N): the (detached) normalized entropy of each classifier, layers[-1] = L the last
     resort. For each threshold tau_k (K,), a token's simulated exit e is the first layer whose signal

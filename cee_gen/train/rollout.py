@@ -4,7 +4,7 @@ A whole sequence runs layer by layer. At a candidate layer, `decide` picks which
 positions exit; an exited position's hidden state is frozen and copied up: the deeper layers still
 see it (they compute their K/V from it through their own RMSNorm and projections, which is exactly
 the `propagate` KV fill of inference), but its own output is no longer updated. This is
-ConsistentEE's copy-hidden simulation with the input norm kept (methods.md §1.6 step 4, §1.10), so
+ConsistentEE's copy-hidden simulation with the input norm kept (ConsistentEE §3), so
 training and inference agree: with the same exit layers, the logits equal those of generation with
 `kv_fill="propagate"` (tests/test_rollout.py).
 """
