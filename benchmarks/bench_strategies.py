@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     head = None
     if args.compile:  # the LM head as the compiled exit step runs it
         def head(h):
-            return dec._exit_logits(net.norm, None, net.output, h[:, -1], True)
+            return dec.exit_logits(net.norm, None, net.output, h[:, -1])
 
     def run(name):
         """All prompts one by one: total decode s, decision s, fill s, per-prompt outputs."""
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
         recs.append({**common, "setting": name, "exit": {k: v for k, v in kw.items() if k != "heads"},
                      "heads": "quickfit" if "heads" in kw else None,
                      "kv_fill": runs[name].kv_fill if runs[name] else None,
-                     "fill_timing": (("deferred" if runs[name].defer else "eager")
+                     "fill_timing": (("deferred" if runs[name].deferred else "eager")
                                      if runs[name] and runs[name].kv_fill == "propagate" else None),
                      "ms_per_token": round(1e3 * t, 2),
                      "all_ms": [round(1e3 * r[0], 2) for r in res[name]],

@@ -290,6 +290,8 @@ def main(argv=None) -> None:
     if len(args) != 1:
         raise SystemExit("usage: python -m cee_gen.bench.report RESULTS.jsonl")
     path = Path(args[0])
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: pass a results file (JSON lines) a benchmark wrote")
     records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
     if not records:
         raise SystemExit(f"{path} holds no records")
