@@ -24,6 +24,7 @@ EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patienc
 KV_FILL_MODES = ("propagate", "propagate-raw", "copy-kv", "recompute")
 FILL_TIMINGS = ("auto", "deferred", "eager")
 HASH_METHODS = ("frequency", "random")
+DRAFTS = ("auto", "ngram", "exit")
 DEFAULT_THRESHOLDS = {"policy": 0.5, "confidence": 0.9, "entropy": 0.1, "saturation": 0.975, "cascade": 0.9}
 
 
@@ -174,6 +175,16 @@ class ExitConfig:
                           "token runs are never filled; or eager, at the exit, in one kv_fill op "
                           "(the CUDA kernel of csrc/ on a GPU). Same values either way",
                           choices=FILL_TIMINGS)
+    verify: bool = _f(False, "verified early exit: drafts (the exit strategy's early exits, or prompt "
+                      "n-grams) are checked by one batched pass of the full model, so the output is "
+                      "exactly the full model's (greedy: token for token; sampling: its distribution)")
+    draft: str | None = _f(None, "verify: where drafts come from: ngram (prompt lookup), exit (the exit "
+                           "strategy's early exits), or auto (n-grams where the context has a match, "
+                           "else exits; default)", choices=DRAFTS)
+    max_draft: int | None = _f(None, "verify: drafted tokens per verify pass at most (default 8); the "
+                               "engine drafts fewer where drafts are being rejected")
+    ngram: int = _f(3, "verify: prompt lookup matches the longest recent n-gram of prompt + output "
+                    "with n up to this")
 
     def validate(self, n_layers: int | None = None) -> ExitConfig:
         def bad(msg):
@@ -201,7 +212,11 @@ class ExitConfig:
         if self.fill_timing == "deferred" and self.fill != "propagate":
             bad(f"fill_timing deferred is a way to run kv_fill propagate, not {self.fill}: use "
                 "--kv-fill propagate, or drop --fill-timing")
-        if s == "cascade" and self.kv_fill not in (None, "recompute"):
+        if self.verify:
+            self._validate_verify(bad)
+        elif self.draft is not None or self.max_draft is not None:
+            bad("draft and max_draft are for verify mode: add --verify (verify=True), or drop them")
+        if s == "cascade" and self.kv_fill not in (None, "recompute") and not self.verify:
             bad("cascade always catches the large model up on the tokens it skipped (kv_fill "
                 f"recompute), not {self.kv_fill}: drop --kv-fill")
         if self.threshold is not None:
@@ -222,12 +237,43 @@ class ExitConfig:
             self.candidates(L, list(range(1, L)))  # parse errors surface now
         return self
 
+    def _validate_verify(self, bad) -> None:
+        s = self.strategy
+        if self.max_draft is not None and (not isinstance(self.max_draft, int) or self.max_draft < 1):
+            bad("max_draft must be a positive integer (drafted tokens per verify pass), got "
+                f"{self.max_draft!r}")
+        if not isinstance(self.ngram, int) or self.ngram < 1:
+            bad("ngram must be a positive integer (the longest n-gram prompt lookup matches), got "
+                f"{self.ngram!r}")
+        if self.draft_source == "exit" and s == "full":
+            bad("draft exit needs an exit strategy to draft from (--exit policy, confidence, static, ...), "
+                "not full: use --draft ngram or auto with --exit full")
+        if self.cascade_model is not None:
+            bad("verify does not draft from a second checkpoint (cascade_model): draft from the model's "
+                "own exits with --exit cascade --exit-layer K, or drop --verify")
+        if self.kv_fill == "recompute":
+            bad("verify makes the output exact, so the recompute fill only slows the drafts: drop "
+                "--kv-fill recompute (the drafts' skipped layers are filled by propagate)")
+        if self.draft_source == "ngram" or s == "full":
+            if self.kv_fill is not None or self.fill_timing != "auto":
+                bad("verify with n-gram drafts runs no early exits, so --kv-fill and --fill-timing do "
+                    "nothing: drop them, or draft from exits (--draft exit or auto with an --exit strategy)")
+
+    @property
+    def draft_source(self) -> str | None:
+        """Where verify mode's drafts come from (None: no verify mode)."""
+        return (self.draft or "auto") if self.verify else None
+
+    @property
+    def draft_limit(self) -> int:
+        return self.max_draft if self.max_draft is not None else 8
+
     @property
     def fill(self) -> str:
-        """The KV-fill mode in effect."""
+        """The KV-fill mode in effect (in verify mode, of the drafts)."""
         if self.kv_fill is not None:
             return self.kv_fill
-        return "recompute" if self.strategy == "cascade" else "propagate"
+        return "recompute" if self.strategy == "cascade" and not self.verify else "propagate"
 
     @property
     def deferred(self) -> bool:

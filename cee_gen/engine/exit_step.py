@@ -58,7 +58,7 @@ class Running:
 
     net: Transformer
     cache: object  # StaticKVCache
-    slot: int  # the new tokens' cache slot
+    slot: list[int]  # each running row's new token's cache slot (verify mode: rows differ)
     h: torch.Tensor  # (b, Q, D): column 0 is the new token; recompute appends waiting positions
     rows: torch.Tensor  # (b,) cache rows
     host: list[int]  # the same rows, host ints
@@ -79,6 +79,7 @@ class Running:
         kt = torch.tensor(keep, device=self.rows.device)
         self.h, self.rows, self.pad, self.step = self.h[kt], self.rows[kt], self.pad[kt], self.step.select(kt)
         self.host = [self.host[i] for i in keep]
+        self.slot = [self.slot[i] for i in keep]
         self.extra = [self.extra[i] for i in keep]
         if self.plan is not None:
             self.plan = [self.plan[i] for i in keep]
@@ -105,15 +106,19 @@ def rows_dynamic(h: torch.Tensor, step: Step) -> None:
 
 
 class ExitStep:
-    """Decodes one token per alive row with early exit: `__call__` -> logits (B, V), {row: layers}."""
+    """Decodes one token per alive row with early exit: `__call__` -> logits (B, V), {row: layers}.
+
+    `trace`, when a list, receives (layer, rows, h (b, D)) at every decision point: the new tokens'
+    hidden states after that many layers (verify mode starts its pass from them)."""
 
     def __init__(self, decoder, run: ExitRun, fill, timings):
         self.dec, self.run, self.fill, self.tm = decoder, run, fill, timings
+        self.trace: list | None = None
 
-    def __call__(self, cache, tok: torch.Tensor, tok_ids: list[int], slot: int, pad: torch.Tensor,
-                 alive: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
-        """tok (B, 1) at cache slot `slot`; only the rows `alive` (host ints) run. Rows not alive get
-        zero logits."""
+    def __call__(self, cache, tok: torch.Tensor, tok_ids: list[int], slot: int | list[int],
+                 pad: torch.Tensor, alive: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
+        """tok (B, 1) at cache slot `slot` (or slot[b] for each cache row b); only the rows `alive`
+        (host ints) run. Rows not alive get zero logits."""
         c0 = self.dec.compile_seconds()
         out = self._step(cache, tok, tok_ids, slot, pad, alive)
         c1 = self.dec.compile_seconds()
@@ -126,10 +131,13 @@ class ExitStep:
         L, B, dev = net.args.n_layers, tok.shape[0], tok.device
         strat.reset(B, dev)
         rows = torch.tensor(alive, device=dev)  # (b,) cache rows still running
+        slots = [slot] * len(alive) if isinstance(slot, int) else [slot[r] for r in alive]
+        # one slot for every row: one run of slots (the flash path can serve it); else per row (b, 1)
+        q = torch.tensor(slots[:1] if len(set(slots)) == 1 else slots, device=dev)
         # compiled: attend over the whole (dynamic) cache, as the plain step does
-        kv_len = None if dec.compiled else slot + 1
-        st = Running(net, cache, slot, net.embed(tok[rows]), rows, list(alive), pad[rows],
-                     net.make_step(torch.tensor([slot], device=dev), pad[rows], cache.n_slots, kv_len,
+        kv_len = None if dec.compiled else max(slots) + 1
+        st = Running(net, cache, slots, net.embed(tok[rows]), rows, list(alive), pad[rows],
+                     net.make_step(q if q.numel() == 1 else q[:, None], pad[rows], cache.n_slots, kv_len,
                                    None if len(alive) == B else rows),
                      kv_len, strat.plan([tok_ids[r] for r in alive]) if strat.planned else None,
                      extra=[0] * len(alive))
@@ -151,6 +159,8 @@ class ExitStep:
             else:
                 fill.layers(st, lo, stop, dec.layer)
             lo = stop
+            if self.trace is not None:
+                self.trace.append((stop, list(st.host), st.h[:, 0]))
             ex, sig = self._decide(st, stop, p)
             if not any(ex):
                 continue

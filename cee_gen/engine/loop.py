@@ -29,6 +29,55 @@ from cee_gen.kv_fill import DeferredFill, EagerFill, RecomputeFill, fill_kind
 from cee_gen.sampling import select_next
 
 
+class Batch:
+    """The rows of one batch: the left-padded prompts, the cache, what each row has emitted, and when it
+    stops (EOS, a stop string through `on_token`, or its token budget)."""
+
+    def __init__(self, decoder: Decoder, prompts: list[list[int]], n_new: int, n_slots: int, *, pad_id: int,
+                 eos_ids: list[int], on_token: Callable[[int, int], bool] | None):
+        net = decoder.net
+        self.net, self.n_new, self.on_token = net, n_new, on_token
+        dev = net.tok_embeddings.weight.device
+        B, T = len(prompts), max(len(p) for p in prompts)
+        tokens = torch.full((B, T), pad_id, dtype=torch.long)
+        for b, p in enumerate(prompts):
+            tokens[b, T - len(p):] = torch.tensor(p)
+        self.tokens = tokens.to(dev)  # (B, T)
+        self.pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
+        self.seen = torch.zeros(B, net.args.vocab_size, dtype=torch.bool, device=dev)  # repetition penalty
+        for b, p in enumerate(prompts):
+            self.seen[b, p] = True
+        self.eos = set(eos_ids)
+        self.cache = decoder.new_cache(B, n_slots)
+        self.out = [RowOutput() for _ in range(B)]
+        self.done = [False] * B
+        self.timings = BatchTimings()
+
+    @property
+    def alive(self) -> list[int]:
+        return [b for b, d in enumerate(self.done) if not d]
+
+    def prefill(self) -> torch.Tensor:
+        """The prompts through every layer into the cache: the last position's logits (B, V)."""
+        net, T = self.net, self.tokens.shape[1]
+        step = net.make_step(torch.arange(T, device=self.pad.device), self.pad, self.cache.n_slots, kv_len=T)
+        h = net.forward_layers(net.embed(self.tokens), 0, net.args.n_layers, step, self.cache)  # (B, T, D)
+        self.cache.advance(0, net.args.n_layers, T)
+        return net.head(h[:, -1:])[:, -1].float()  # only the last position needs the LM head
+
+    def emit(self, b: int, token: int, layers: int) -> bool:
+        """Row b's next token, made after `layers` layers; True when the row is now finished."""
+        row = self.out[b]
+        row.token_ids.append(token)
+        row.layers_per_token.append(layers)
+        self.seen[b, token] = True
+        if token in self.eos or (self.on_token is not None and self.on_token(b, token)):
+            self.done[b], row.finish_reason = True, "stop"
+        elif len(row.token_ids) >= self.n_new:
+            self.done[b] = True  # finish_reason stays "length"
+        return self.done[b]
+
+
 @torch.inference_mode()
 def generate_batch(
     decoder: Decoder,
@@ -48,7 +97,6 @@ def generate_batch(
     says where generated tokens leave.
     """
     net = decoder.net
-    dev = net.tok_embeddings.weight.device
     L, ctx = net.args.n_layers, net.args.max_position_embeddings
     B, T = len(prompts), max(len(p) for p in prompts)
     n_new = min(cfg.max_new_tokens, ctx - T)
@@ -65,66 +113,48 @@ def generate_batch(
     # columns, to a scratch slot past every real one
     scratch = int(kind is not None and kind.needs_scratch)
     n_slots = min(cache_slots(T + n_new + scratch), ctx + scratch)
-
-    tokens = torch.full((B, T), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        tokens[b, T - len(p):] = torch.tensor(p)
-    pad = torch.tensor([T - len(p) for p in prompts], device=dev)  # (B,)
-    tokens = tokens.to(dev)
-    seen = torch.zeros(B, net.args.vocab_size, dtype=torch.bool, device=dev)  # repetition penalty
-    for b, p in enumerate(prompts):
-        seen[b, p] = True
-    eos = torch.tensor(eos_ids or [-1], device=dev)
-
-    cache = decoder.new_cache(B, n_slots)
-    out = [RowOutput() for _ in range(B)]
-    done = [False] * B
-    timings = BatchTimings()
+    batch = Batch(decoder, prompts, n_new, n_slots, pad_id=pad_id, eos_ids=eos_ids, on_token=on_token)
+    timings, pad, cache = batch.timings, batch.pad, batch.cache
 
     t0 = time.perf_counter()
-    step = net.make_step(torch.arange(T, device=dev), pad, n_slots, kv_len=T)
-    h = net.forward_layers(net.embed(tokens), 0, L, step, cache)  # (B, T, D)
-    cache.advance(0, L, T)
-    logits = net.head(h[:, -1:])[:, -1].float()  # (B, V): only the last position needs the LM head
+    logits = batch.prefill()
     if kind is None:
         kv_fill = None if exit is None or exit.deferred else exit.kv_fill
 
         def next_step(cache, tok, ids, slot, pad, alive):
             return decoder.step(cache, tok, slot, pad, uniform, kv_fill), {}
     elif kind is CascadeModels:  # the small model reads the prompt too; the large one emits first
-        next_step = CascadeModels(net, exit.small, exit.strategy, tokens, pad, n_slots, pad_id, timings)
+        next_step = CascadeModels(net, exit.small, exit.strategy, batch.tokens, pad, n_slots, pad_id, timings)
     else:
-        fill = {DeferredFill: lambda: DeferredFill(net, B, n_slots, pad),
-                RecomputeFill: lambda: RecomputeFill(B, n_slots, timings),
-                EagerFill: lambda: EagerFill(net, exit.kv_fill, timings)}[kind]()
-        next_step = ExitStep(decoder, exit, fill, timings)
+        next_step = ExitStep(decoder, exit, make_fill(kind, net, exit, B, n_slots, pad, timings), timings)
     compile_before = decoder.compile_s
     t1 = None
     last_depth: dict[int, int] = {}  # row -> layers run by the step that made its next token
     for i in range(n_new):
-        nxt = select_next(logits, cfg, seen, generator)  # (B,)
-        seen[torch.arange(B, device=dev), nxt] = True
-        is_eos = torch.isin(nxt, eos)
-        ids, eos_flags = nxt.tolist(), is_eos.tolist()  # the one host sync per token
-        for b in range(B):
-            if done[b]:
-                continue
-            out[b].token_ids.append(ids[b])
+        alive = batch.alive
+        nxt = select_next(logits, cfg, batch.seen, generator)  # (B,)
+        ids = nxt.tolist()  # the one host sync per token
+        for b in alive:
             # the first generated token comes from the full-depth prefill
-            out[b].layers_per_token.append(L if i == 0 else last_depth.get(b, uniform))
-            if eos_flags[b]:
-                done[b], out[b].finish_reason = True, "stop"
-            elif on_token is not None and on_token(b, ids[b]):
-                done[b], out[b].finish_reason = True, "stop"
+            batch.emit(b, ids[b], L if i == 0 else last_depth.get(b, uniform))
         if t1 is None:
             t1 = time.perf_counter()
             timings.prefill_s = t1 - t0
-        if all(done) or i == n_new - 1:
+        if all(batch.done):
             break
-        alive = [b for b in range(B) if not done[b]]  # finished rows cost nothing in the exit steps
-        logits, last_depth = next_step(cache, nxt[:, None], ids, T + i, pad, alive)
+        # finished rows cost nothing in the exit steps
+        logits, last_depth = next_step(cache, nxt[:, None], ids, T + i, pad, batch.alive)
         cache.advance(0, L, 1)
     timings.decode_s = time.perf_counter() - (t1 or t0)
     timings.compile_s = decoder.compile_s - compile_before
     timings.decode_s -= timings.compile_s
-    return out, timings
+    return batch.out, timings
+
+
+def make_fill(kind: type, net, exit: ExitRun, batch: int, n_slots: int, pad: torch.Tensor, timings):
+    """The exit step's KV fill of kind `kind` (kv_fill.fill_kind) for a batch."""
+    if kind is DeferredFill:
+        return DeferredFill(net, batch, n_slots, pad)
+    if kind is RecomputeFill:
+        return RecomputeFill(batch, n_slots, timings)
+    return EagerFill(net, exit.kv_fill, timings)

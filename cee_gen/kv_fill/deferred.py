@@ -77,7 +77,7 @@ class DeferredFill:
     def exited(self, st: Running, out: list[int], idx: torch.Tensor, layer: int) -> None:
         """st's rows `out` (positions in st) stopped after `layer` layers at st.slot."""
         for i in out:
-            self.stopped(st.host[i], st.slot, layer, st.h[i, 0])
+            self.stopped(st.host[i], st.slot[i], layer, st.h[i, 0])
 
     def stopped(self, row: int, slot: int, depth: int, h: torch.Tensor) -> None:
         """Row `row`'s token at `slot` stopped after `depth` layers with state h (D,)."""

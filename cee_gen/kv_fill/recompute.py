@@ -43,7 +43,7 @@ class RecomputeFill:
             joins = [self.join(r, j) for r in st.host]
             if any(joins):
                 if st.slots is None:
-                    st.slots = torch.full((len(st.host), 1), st.slot, device=st.rows.device)
+                    st.slots = torch.tensor(st.slot, device=st.rows.device)[:, None]  # (b, 1)
                 self._append(st, joins)
                 st.extra = [e + len(x) for e, x in zip(st.extra, joins)]
                 st.step = st.net.make_step(st.slots, st.pad, st.cache.n_slots, st.kv_len, st.sub_rows)
@@ -68,6 +68,6 @@ class RecomputeFill:
         s_host = st.slots.tolist() if st.slots is not None else None
         for i in out:
             for c in range(st.h.shape[1]):
-                s = st.slot if s_host is None else s_host[i][c]
+                s = st.slot[i] if s_host is None else s_host[i][c]
                 if s != self.scratch:
                     self.rows[st.host[i]].append((s, layer, st.h[i, c]))
