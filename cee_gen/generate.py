@@ -98,7 +98,8 @@ def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
     special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
     strat = make_strategy(ex, heads, model.args.vocab_size, special)
     small = None if ex.cascade_model is None else cascade_model(model, ex.cascade_model).net
-    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small, deferred=ex.deferred)
+    return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small, deferred=ex.deferred,
+                   draft=ex.draft_source, max_draft=ex.draft_limit, ngram=ex.ngram)
 
 
 def cascade_model(model: Model, path: str) -> Model:
@@ -241,6 +242,10 @@ def generate(
                     "decision_s": t.decision_s,
                     "fill_s": t.fill_s,
                     "recompute_rows": t.recompute_rows,
+                    # verify mode: the batch's drafts, passes and times; each token's origin (prefill,
+                    # ngram or exit for accepted drafts, verify for the pass's own token)
+                    "verify": t.verify,
+                    "token_sources": row.sources or None,
                 },
             ))
     return results

@@ -30,7 +30,7 @@ import torch
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Signals, Strategy
 from cee_gen.kv_fill import RecomputeFill
-from cee_gen.model import Step, Transformer
+from cee_gen.model import Step, Transformer, run_layer
 
 
 @dataclass
@@ -42,6 +42,9 @@ class ExitRun:
     kv_fill: str = "propagate"
     small: Transformer | None = None  # cascade with a second checkpoint: the small model
     deferred: bool = False  # propagate's fill written by the next tokens that run each layer
+    draft: str | None = None  # verify mode (engine/verify.py): the draft source; None = no verify mode
+    max_draft: int = 8
+    ngram: int = 3
 
     @property
     def uniform_depth(self) -> int | None:
@@ -108,8 +111,8 @@ def rows_dynamic(h: torch.Tensor, step: Step) -> None:
 class ExitStep:
     """Decodes one token per alive row with early exit: `__call__` -> logits (B, V), {row: layers}.
 
-    `trace`, when a list, receives (layer, rows, h (b, D)) at every decision point: the new tokens'
-    hidden states after that many layers (verify mode starts its pass from them)."""
+    `trace`, when a list, receives (layer, rows, h (b, D)) after every layer: the new tokens' hidden
+    states after that many layers, for the cache rows `rows` (verify mode starts its pass from them)."""
 
     def __init__(self, decoder, run: ExitRun, fill, timings):
         self.dec, self.run, self.fill, self.tm = decoder, run, fill, timings
@@ -154,13 +157,11 @@ class ExitStep:
         for stop in stops:
             p = None
             if fuse and lo < stop < L:
-                fill.layers(st, lo, stop - 1, dec.layer)
+                fill.layers(st, lo, stop - 1, self._traced(st, dec.layer))
                 p = self._fused_layer(st, stop)
             else:
-                fill.layers(st, lo, stop, dec.layer)
+                fill.layers(st, lo, stop, self._traced(st, dec.layer))
             lo = stop
-            if self.trace is not None:
-                self.trace.append((stop, list(st.host), st.h[:, 0]))
             ex, sig = self._decide(st, stop, p)
             if not any(ex):
                 continue
@@ -191,8 +192,21 @@ class ExitStep:
                                            self.run.heads.policies[str(stop)])
             return h
 
-        self.fill.layers(st, stop - 1, stop, fused)
+        self.fill.layers(st, stop - 1, stop, self._traced(st, fused))
         return box["p"]
+
+    def _traced(self, st: Running, run):
+        """`run` (None: the plain layer), recording each layer's output in `trace` when tracing."""
+        if self.trace is None:
+            return run
+        index = {id(b): i for i, b in enumerate(st.net.layers)}
+
+        def traced(block, h, step, k, v, fill=None):
+            h = (run or run_layer)(block, h, step, k, v, fill)
+            self.trace.append((index[id(block)] + 1, list(st.host), h[:, 0]))
+            return h
+
+        return traced
 
     def _decide(self, st: Running, stop: int, p: torch.Tensor | None) -> tuple[list[bool], Signals | None]:
         """Which running rows exit at `stop`: all at L, the plan's, or the strategy's decision."""

@@ -65,11 +65,13 @@ class Batch:
         self.cache.advance(0, net.args.n_layers, T)
         return net.head(h[:, -1:])[:, -1].float()  # only the last position needs the LM head
 
-    def emit(self, b: int, token: int, layers: int) -> bool:
+    def emit(self, b: int, token: int, layers: int, source: str | None = None) -> bool:
         """Row b's next token, made after `layers` layers; True when the row is now finished."""
         row = self.out[b]
         row.token_ids.append(token)
         row.layers_per_token.append(layers)
+        if source is not None:
+            row.sources.append(source)
         self.seen[b, token] = True
         if token in self.eos or (self.on_token is not None and self.on_token(b, token)):
             self.done[b], row.finish_reason = True, "stop"
@@ -94,8 +96,13 @@ def generate_batch(
 
     on_token(row, token_id) is called for each new token of an unfinished row and returns True when
     the row must stop (a stop string completed); EOS is handled here. `exit` (None = full depth)
-    says where generated tokens leave.
+    says where generated tokens leave; with its `draft` set, verify mode runs (engine/verify.py).
     """
+    if exit is not None and exit.draft is not None:
+        from cee_gen.engine.verify import Verifier  # verify.py builds on this module
+
+        return Verifier(decoder, cfg, exit, generator).run(prompts, pad_id=pad_id, eos_ids=eos_ids,
+                                                             on_token=on_token)
     net = decoder.net
     L, ctx = net.args.n_layers, net.args.max_position_embeddings
     B, T = len(prompts), max(len(p) for p in prompts)

@@ -11,6 +11,7 @@ class RowOutput:
     token_ids: list[int] = field(default_factory=list)
     layers_per_token: list[int] = field(default_factory=list)
     finish_reason: str = "length"
+    sources: list[str] = field(default_factory=list)  # verify mode: each token's origin (see verify.py)
 
 
 @dataclass
@@ -21,6 +22,7 @@ class BatchTimings:
     decision_s: float = 0.0  # strategy decisions at candidate layers, their host syncs included
     fill_s: float = 0.0  # eager KV fill of skipped layers (propagate eager, propagate-raw, copy-kv)
     recompute_rows: int = 0  # recompute: extra (position, layer) pairs run to catch the deep KV up
+    verify: dict | None = None  # verify mode: engine/verify.py's VerifyStats.summary()
 
 
 def exit_histogram(layers: list[int]) -> dict[int, int]:
