@@ -307,6 +307,13 @@ def run_layer(block: Block, h: torch.Tensor, step: Step, k_cache: torch.Tensor, 
     return block(h, step, k_cache, v_cache, fill)
 
 
+def run_layer_columns(block: Block, h: torch.Tensor, step: Step, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, fill: FillColumns | None = None) -> torch.Tensor:
+    """run_layer for a verify pass's many columns per row: its own function, so torch.compile keeps
+    its graphs (column and row counts dynamic) apart from the exit step's."""
+    return block(h, step, k_cache, v_cache, fill)
+
+
 class Transformer(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()

@@ -23,7 +23,7 @@ import torch
 from cee_gen.cache import StaticKVCache
 from cee_gen.exits.heads import exit_logits, exit_policy
 from cee_gen.kv_fill import KVFiller
-from cee_gen.model import Transformer, run_layer
+from cee_gen.model import Transformer, run_layer, run_layer_columns
 
 
 def plain_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, slots: torch.Tensor,
@@ -63,7 +63,7 @@ class Decoder:
         self._warm_shapes: set = set()
         self._step = plain_step
         # the exit step's pieces; None: eager (the blocks and heads themselves)
-        self.layer = self.exit_logits = self.exit_policy = self.layer_policy = None
+        self.layer = self.exit_logits = self.exit_policy = self.layer_policy = self.columns_layer = None
         self._filler: KVFiller | None = None
         if compile:
             import torch._inductor.config as ic
@@ -76,6 +76,7 @@ class Decoder:
             self.exit_logits = torch.compile(exit_logits, fullgraph=True, dynamic=None, mode=piece)
             self.exit_policy = torch.compile(exit_policy, fullgraph=True, dynamic=None, mode=piece)
             self.layer_policy = torch.compile(layer_then_policy, fullgraph=True, dynamic=None, mode=piece)
+            self.columns_layer = torch.compile(run_layer_columns, fullgraph=True, dynamic=None, mode=piece)
 
     def step(self, cache: StaticKVCache, tok: torch.Tensor, slot: int, pad: torch.Tensor,
              depth: int | None = None, kv_fill: str | None = "propagate"):

@@ -104,36 +104,38 @@ class NgramIndex:
 class Pacer:
     """How many tokens to draft from one source: the k that maximizes expected tokens per unit of time.
 
-    With per-token acceptance a (measured), k drafts give 1 + a + ... + a^k tokens (the bonus included;
+    With per-token acceptance a (measured per row: rows differ, a summary copies more than a chat
+    answer), k drafts give 1 + a + ... + a^k tokens (the bonus included;
     exit drafts have no bonus position: 1 + ... + a^(k-1) plus a^k for the last draft accepted). The
     time: a verify pass with k extra columns over a plain step, (1 + c k), plus k draft steps of d
     plain steps each. c and d start at guesses and follow measured times (moving averages)."""
 
     PROBE = 32  # a source that does not pay is tried again after this many passes without it
 
-    def __init__(self, limit: int, draft_cost: float, bonus: bool, always: bool):
+    def __init__(self, limit: int, draft_cost: float, bonus: bool, always: bool, rows: int = 1):
         self.limit, self.bonus, self.always = limit, bonus, always  # always: never fall back to 0
-        self.a, self.c, self.d = 0.6, 0.1, draft_cost  # acceptance; per-column and per-draft cost
+        self.a = [0.6] * rows  # per row: acceptance of a drafted token
+        self.c, self.d = 0.1, draft_cost  # cost of a verify column and of a draft step, in plain steps
         self.t_plain: float | None = None
-        self.idle = 0
+        self.idle = [0] * rows
 
-    def choose(self) -> int:
+    def choose(self, row: int = 0) -> int:
         best_k, best = 0, 1.0  # a plain step: one token per unit of time
-        a = min(self.a, 0.999)
+        a = min(self.a[row], 0.999)
         for k in range(1, self.limit + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a) if self.bonus else (1 - a ** k) / (1 - a) + a ** k
             rate = tokens / (1 + self.c * k + self.d * k)
             if rate > best * 1.02:  # a little margin: noise should not make it draft for nothing
                 best_k, best = k, rate
-        if best_k == 0 and (self.always or self.idle >= self.PROBE):
+        if best_k == 0 and (self.always or self.idle[row] >= self.PROBE):
             best_k = min(2, self.limit)  # draft anyway (asked for), or probe whether it pays by now
-        self.idle = 0 if best_k else self.idle + 1
+        self.idle[row] = 0 if best_k else self.idle[row] + 1
         return best_k
 
-    def accepted(self, proposed: int, accepted: int) -> None:
+    def accepted(self, proposed: int, accepted: int, row: int = 0) -> None:
         trials = accepted + (1 if accepted < proposed else 0)
         if trials:
-            self.a += 0.2 * (accepted / trials - self.a)
+            self.a[row] += 0.2 * (accepted / trials - self.a[row])
 
     def timed(self, columns: int, seconds: float, drafts: int = 0, draft_seconds: float = 0.0) -> None:
         """A pass over `columns` columns per row took `seconds`, after drafts taking draft_seconds."""
@@ -170,9 +172,7 @@ class Verifier:
         can_exit = exit.strategy.name != "full"
         self.use_ngram = source in ("ngram", "auto")
         self.use_exit = source in ("exit", "auto") and can_exit
-        self.pacers = {"ngram": Pacer(max_draft, 0.0, bonus=True, always=source == "ngram"),
-                       "exit": Pacer(max_draft, 0.7, bonus=False, always=source == "exit")}
-        self.max_draft = max_draft
+        self.source, self.max_draft = source, max_draft
         self.stats = VerifyStats()
 
     # ---- the loop ------------------------------------------------------------------------------
@@ -190,6 +190,8 @@ class Verifier:
                                    on_token=on_token)
         tm = batch.timings
         self.pad_id = pad_id
+        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, bonus=True, always=self.source == "ngram", rows=B),
+                       "exit": Pacer(self.max_draft, 0.7, bonus=False, always=self.source == "exit", rows=B)}
         if self.use_exit:
             kind = fill_kind(self.exit.kv_fill, self.exit.deferred)
             self.fill = make_fill(kind, net, self.exit, B, n_slots, batch.pad, tm)
@@ -219,13 +221,12 @@ class Verifier:
         batch, st = self.batch, self.stats
         t0 = time.perf_counter()
         plans = {}
-        k_ngram = self.pacers["ngram"].choose() if self.use_ngram else 0
-        k_exit = self.pacers["exit"].choose() if self.use_exit else 0
         for b in alive:
             room = min(batch.n_new - len(batch.out[b].token_ids) - 1,
                        self.scratch - 1 - self.pos[b])  # drafts sit at pos+1.. below the scratch slot
-            drafts = self.index[b].draft(min(room, k_ngram)) if k_ngram and room > 0 else []
-            k = min(room, k_exit) if not drafts else 0
+            k_ngram = self.pacers["ngram"].choose(b) if self.use_ngram and room > 0 else 0
+            drafts = self.index[b].draft(min(room, k_ngram)) if k_ngram else []
+            k = min(room, self.pacers["exit"].choose(b)) if self.use_exit and not drafts and room > 0 else 0
             plans[b] = _Row("ngram", drafts) if drafts else _Row("exit", [], k=k) if k > 0 \
                 else _Row("none", [])
         exit_rows = [b for b in alive if plans[b].source == "exit"]
@@ -325,22 +326,13 @@ class Verifier:
                 # column 0: the newest token; column i: draft i; each from its state after m layers
                 h[i, :n_cols[b]] = torch.stack([p.states[c][m] for c in range(n_cols[b])])
         h = self._layers(h, alive, slots, m, L)
-        logits = (dec.exit_logits or _head)(net.norm, None, net.output, h)  # (b, Q, V) fp32
+        logits = pass_logits(dec, h)  # (b, Q, V) fp32
         return {b: logits[i, :n_cols[b]] for i, b in enumerate(alive)}
 
     def _layers(self, h: torch.Tensor, rows: list[int], slots: torch.Tensor, lo: int,
                 hi: int) -> torch.Tensor:
-        """Layers [lo, hi) for the columns h (b, Q, D) of cache rows `rows` at slots (b, Q)."""
-        net, batch = self.net, self.batch
-        B = len(batch.out)
-        r = torch.tensor(rows, device=slots.device)
-        step = net.make_step(slots, batch.pad[r], batch.cache.n_slots, None, None if len(rows) == B else r)
-        if self.dec.compiled:
-            batch_dynamic(h, step.cos, step.sin, step.attn.mask, step.rows, step.slots)
-            for t in (h, step.cos, step.sin, step.slots):
-                torch._dynamo.maybe_mark_dynamic(t, 1)
-            torch._dynamo.maybe_mark_dynamic(step.attn.mask, 2)
-        return net.forward_layers(h, lo, hi, step, batch.cache, self.dec.layer)
+        return pass_layers(self.dec, self.batch.cache, self.batch.pad, h, rows, slots, lo, hi)
+
 
     # ---- accepting -----------------------------------------------------------------------------
 
@@ -351,7 +343,7 @@ class Verifier:
         if plan.source != "none":
             st.proposed[plan.source] += len(plan.drafts)
             st.accepted[plan.source] += a
-            self.pacers[plan.source].accepted(len(plan.drafts), a)
+            self.pacers[plan.source].accepted(len(plan.drafts), a, b)
         emitted = plan.drafts[:a] + ([] if nxt is None else [nxt])
         for i, t in enumerate(emitted):
             st.tokens += 1
@@ -361,6 +353,28 @@ class Verifier:
         # the verified positions are the newest token and the accepted drafts; the next token's slot
         self.pos[b] += a + (nxt is not None)
         self.cur[b] = emitted[-1]
+
+
+def pass_layers(dec: Decoder, cache, pad: torch.Tensor, h: torch.Tensor, rows: list[int],
+                slots: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Layers [lo, hi) for the columns h (b, Q, D) of cache rows `rows` at slots (b, Q) (the cache's
+    rows are left-padded by pad (B,)): a verify pass, or part of one. Under compile every layer is the
+    decoder's compiled layer graph, with the row and column counts dynamic."""
+    net = dec.net
+    r = torch.tensor(rows, device=slots.device)
+    step = net.make_step(slots, pad[r], cache.n_slots, None, None if len(rows) == cache.batch else r)
+    if dec.compiled:
+        batch_dynamic(h, step.cos, step.sin, step.attn.mask, step.rows, step.slots)
+        for t in (h, step.cos, step.sin, step.slots):
+            torch._dynamo.maybe_mark_dynamic(t, 1)
+        torch._dynamo.maybe_mark_dynamic(step.attn.mask, 2)
+    return net.forward_layers(h, lo, hi, step, cache, dec.columns_layer)
+
+
+def pass_logits(dec: Decoder, h: torch.Tensor) -> torch.Tensor:
+    """The LM head on a pass's columns: h (b, Q, D) -> logits (b, Q, V) fp32."""
+    net = dec.net
+    return (dec.exit_logits or _head)(net.norm, None, net.output, h)
 
 
 def _columns(plan: _Row) -> int:
