@@ -208,6 +208,9 @@ def show_exits(model, res) -> tuple[str, str]:
         text = tok.decode(ids[:n], skip_special_tokens=True)
         pieces.append(text[len(prev):] if text.startswith(prev) else text)
         prev = text
+    sources = res.stats.get("token_sources")
+    if sources:  # verify mode: every token is the full model's; accepted drafts are underlined
+        return _show_sources(pieces, sources, res.stats["verify"])
     body = "".join(f"\x1b[38;5;{_colour(d, L)}m{p}" for d, p in zip(depth, pieces)) + "\x1b[0m"
     hist = exit_histogram(depth)
     width = max(hist.values())
@@ -216,6 +219,24 @@ def show_exits(model, res) -> tuple[str, str]:
     for d, n in hist.items():
         bar = "#" * max(1, round(30 * n / width))
         lines.append(f"  layer {d:>3} \x1b[38;5;{_colour(d, L)}m{bar}\x1b[0m {n}")
+    return body, "\n".join(lines)
+
+
+_SOURCE_STYLE = {"ngram": "4;38;5;45", "exit": "4;38;5;82", "verify": "0", "prefill": "0"}
+_SOURCE_NAME = {"ngram": "accepted n-gram drafts (underlined, blue)",
+                "exit": "accepted exit drafts (underlined, green)",
+                "verify": "from the verify pass itself", "prefill": "from the prefill"}
+
+
+def _show_sources(pieces: list[str], sources: list[str], v: dict) -> tuple[str, str]:
+    """Verify mode's --show-exits: tokens styled by where they came from, and a count per source."""
+    body = "".join(f"\x1b[{_SOURCE_STYLE[s]}m{p}\x1b[0m" for s, p in zip(sources, pieces))
+    lines = [f"token sources ({len(sources)} tokens, {v['tokens_per_pass']:.2f} per verify pass; every "
+             "token is the full model's):"]
+    for s in ("ngram", "exit", "verify", "prefill"):
+        n = sources.count(s)
+        if n:
+            lines.append(f"  \x1b[{_SOURCE_STYLE[s]}m{s:>7}\x1b[0m {n:4d}  {_SOURCE_NAME[s]}")
     return body, "\n".join(lines)
 
 

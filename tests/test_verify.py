@@ -1,7 +1,9 @@
 """Verify mode: drafts (prompt n-grams, early exits) checked by one batched full-model pass give exactly
 the full model's output: greedy token for token, sampling in distribution."""
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,9 +75,8 @@ def cycling(tmp_path_factory):
     head maps each token to a successor (cycles of 4), its layers add a little on top (attention
     still matters, just not enough to break the cycles)."""
     path = tmp_path_factory.mktemp("cycling")
-    make_tiny_checkpoint(path, n_layers=3, tie=False, seed=4)
-    model = cee_gen.load_model(str(path), dtype="float32", device="cpu")
-    V = model.args.vocab_size
+    hf = make_tiny_checkpoint(path, n_layers=3, tie=False, seed=4)
+    V = hf.config.vocab_size
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(0))
     succ = torch.empty(V, dtype=torch.long)
     for i in range(0, V, 4):
@@ -83,12 +84,14 @@ def cycling(tmp_path_factory):
         for j in range(len(c)):
             succ[c[j]] = c[(j + 1) % len(c)]
     with torch.no_grad():
-        for blk in model.net.layers:
-            blk.attention.wo.weight.mul_(0.03)
-            blk.feed_forward.w2.weight.mul_(0.03)
-        w = torch.zeros_like(model.net.output.weight)
-        w[succ] = 4.0 * model.net.tok_embeddings.weight
-        model.net.output.weight.copy_(w)
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.weight.mul_(0.03)
+            layer.mlp.down_proj.weight.mul_(0.03)
+        w = torch.zeros_like(hf.lm_head.weight)
+        w[succ] = 4.0 * hf.model.embed_tokens.weight
+        hf.lm_head.weight.copy_(w)
+    hf.save_pretrained(path)
+    model = cee_gen.load_model(str(path), dtype="float32", device="cpu")
     return model
 
 
@@ -291,3 +294,27 @@ def test_compiled_verify_equals_compiled_full_depth(model4, policy_file):
         got = cee_gen.generate(model4, COPY_PROMPTS, max_new_tokens=16, batch_size=3, compile=True,
                                exit=ExitConfig(**ex))
         assert _ids(got) == _ids(full), ex
+
+
+VERIFY_PROMPTS = json.loads((Path(__file__).parent / "data" / "verify_prompts.json").read_text())
+
+
+@pytest.mark.default_model
+@pytest.mark.parametrize("dataset", ["alpaca", "dolly", "cnndm"])
+def test_default_model_verify_equals_full_depth_on_prompts_of_each_set(default_model, dataset):
+    """5 prompts in each benchmark set's style (tests/data/verify_prompts.json), 64 new tokens."""
+    prompts = VERIFY_PROMPTS[dataset]
+    full = cee_gen.generate(default_model, prompts, max_new_tokens=64, batch_size=5)
+    for ex in (ExitConfig(verify=True, draft="ngram"),
+               ExitConfig(strategy="confidence", threshold=0.9, min_exit_layer=16, verify=True, draft="auto"),
+               ExitConfig(strategy="static", exit_layer=20, verify=True, draft="exit")):
+        got = cee_gen.generate(default_model, prompts, max_new_tokens=64, batch_size=5, exit=ex)
+        assert _ids(got) == _ids(full), ex
+        assert got[0].stats["verify"]["tokens_per_pass"] > 1.0, ex
+
+
+def test_cli_show_exits_underlines_accepted_drafts_in_verify_mode(cycling, capsys):
+    code, out, err = run_cli(["--model", str(cycling.path), "--max-new-tokens", "20", "--raw", "--verify",
+                              "--show-exits", "the quick brown fox"], capsys)
+    assert code == 0 and "token sources (" in err and "accepted n-gram drafts" in err
+    assert "\x1b[4;38;5;45m" in out  # an accepted n-gram draft, underlined
