@@ -47,7 +47,7 @@ def common(args) -> dict:
 def curve(args) -> list[dict]:
     import cee_gen
     from cee_gen.engine import Decoder
-    from cee_gen.engine.verify import pass_layers, pass_logits
+    from cee_gen.engine.verify import COLUMN_BUCKETS, pass_layers, pass_logits
 
     model = cee_gen.load_model(None, dtype="float32", device="cpu")
     net, L = model.net, model.n_layers
@@ -65,9 +65,10 @@ def curve(args) -> list[dict]:
         def plain(dec=dec, cache=cache, tok=tok, pad=pad):
             dec.step(cache, tok, 200, pad)
 
-        def verify(k, dec=dec, cache=cache, pad=pad):
-            slots = torch.arange(200, 201 + k)[None]  # (1, k + 1)
-            h = net.embed(torch.full((1, k + 1), 7))
+        def verify(k, dec=dec, cache=cache, pad=pad, compiled=compiled):
+            Q = next(c for c in COLUMN_BUCKETS if c > k) if compiled else k + 1  # as the engine pads
+            slots = torch.cat([torch.arange(200, 201 + k), torch.full((Q - k - 1,), 255)])[None]  # (1, Q)
+            h = net.embed(torch.full((1, Q), 7))
             pass_logits(dec, pass_layers(dec, cache, pad, h, [0], slots, 0, L))
 
         fns = {"plain": plain, **{k: (lambda k=k: verify(k)) for k in ks}}

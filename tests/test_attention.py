@@ -17,8 +17,8 @@ import cee_gen
 from cee_gen import ExitConfig, LoadConfig
 from cee_gen.cache import StaticKVCache
 from cee_gen.errors import CeeGenError
-from cee_gen.model import Flash, Sdpa
 from cee_gen.ops import flash, reference
+from cee_gen.step import Flash, Sdpa
 
 HAS_CUDA = torch.cuda.is_available()
 needs_flash = pytest.mark.skipif(

@@ -190,12 +190,11 @@ def test_kernel_rejects_bad_arguments_with_a_message():
 
 @needs_kernels
 def test_isa_env_var_caps_the_variant_in_a_fresh_process():
+    want = "avx2" if cpu.best_isa() == "avx512" else "scalar"  # a cap below what the CPU has
+    env = dict(os.environ, CEE_GEN_CPU_ISA=want)
     code = "from cee_gen.ops import cpu; print(cpu.isa())"
-    for want in ("scalar", "avx2"):
-        env = dict(os.environ, CEE_GEN_CPU_ISA=want)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        expect = want if ISA_ORDER.index(want) <= ISA_ORDER.index(cpu.best_isa()) else cpu.best_isa()
-        assert out.stdout.strip().splitlines()[-1] == expect, out.stderr[-2000:]
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.stdout.strip().splitlines()[-1:] == [want], out.stderr[-2000:]
 
 
 @needs_kernels
@@ -239,8 +238,8 @@ def test_opcheck(fmt):
 
 @needs_kernels
 def test_compiled_function_using_the_ops_matches_eager_without_graph_breaks():
-    w1, w2 = weights(40, 64, seed=0), lowbit.quantize(weights(64, 40, seed=1), "q4_1")
-    bias = torch.randn(64)
+    w1, w2 = weights(96, 64, seed=0), lowbit.quantize(weights(48, 96, seed=1), "q4_1")
+    bias = torch.randn(48)
 
     def mlp(x):
         return cpu.linear_q(torch.relu(cpu.linear_f32(x, w1)), w2, bias) * 2

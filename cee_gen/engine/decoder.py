@@ -24,6 +24,7 @@ from cee_gen.cache import StaticKVCache
 from cee_gen.exits.heads import exit_logits, exit_policy
 from cee_gen.kv_fill import KVFiller
 from cee_gen.model import Transformer, run_layer, run_layer_columns
+from cee_gen.ops import cpu
 
 
 def plain_step(net: Transformer, cache: StaticKVCache, tok: torch.Tensor, slots: torch.Tensor,
@@ -55,6 +56,8 @@ class Decoder:
 
     def __init__(self, net: Transformer, compile: bool = False, mode: str = "default"):
         self.net = net
+        if net.tok_embeddings.weight.device.type == "cpu":
+            cpu.load()  # the small-M matmul kernels (built once, then cached); model.linear uses them
         self.compiled = compile
         # reduce-overhead: CUDA graphs (on a GPU). They replay into fixed buffers, so the KV cache
         # tensors, which the step writes, are marked static (new_cache) and the logits are copied out.
@@ -69,6 +72,9 @@ class Decoder:
             import torch._inductor.config as ic
 
             ic.fx_graph_cache = True  # on-disk cache: later processes skip most of the compile
+            # the exit step's and the verify pass's pieces each keep a few graphs (row counts, fill
+            # columns, verify column buckets): more than dynamo's default of 8 per function
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
             self._step = torch.compile(plain_step, fullgraph=True, dynamic=None, mode=mode)
             # Without CUDA graphs for the pieces: a graph per layer call would need its own step marking.
             piece = "default" if mode == "reduce-overhead" else mode

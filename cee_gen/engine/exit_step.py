@@ -30,7 +30,8 @@ import torch
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Signals, Strategy
 from cee_gen.kv_fill import RecomputeFill
-from cee_gen.model import Step, Transformer, run_layer
+from cee_gen.model import Transformer, run_layer
+from cee_gen.step import Step
 
 
 @dataclass

@@ -46,9 +46,9 @@ import torch
 
 from cee_gen.cache import cache_slots
 from cee_gen.config import GenerationConfig
+from cee_gen.engine.batch import Batch, make_fill
 from cee_gen.engine.decoder import Decoder
 from cee_gen.engine.exit_step import ExitRun, ExitStep, batch_dynamic
-from cee_gen.engine.loop import Batch, make_fill
 from cee_gen.engine.telemetry import BatchTimings, RowOutput
 from cee_gen.kv_fill import DeferredFill, fill_kind
 from cee_gen.sampling import accept, processed, select_next
@@ -305,6 +305,8 @@ class Verifier:
         m = min(e for b in exit_rows for e in plans[b].exits) if exit_rows else L
         n_cols = {b: _columns(plans[b]) for b in alive}
         Q = max(n_cols.values())
+        if self.dec.compiled:  # a few column counts, each its own static graph (see pass_layers)
+            Q = next(c for c in COLUMN_BUCKETS if c >= Q)
         slots = torch.full((len(alive), Q), self.scratch, dtype=torch.long)
         for i, b in enumerate(alive):
             slots[i, :n_cols[b]] = torch.arange(self.pos[b], self.pos[b] + n_cols[b])
@@ -364,10 +366,12 @@ def pass_layers(dec: Decoder, cache, pad: torch.Tensor, h: torch.Tensor, rows: l
     r = torch.tensor(rows, device=slots.device)
     step = net.make_step(slots, pad[r], cache.n_slots, None, None if len(rows) == cache.batch else r)
     if dec.compiled:
+        # rows dynamic; columns static: a graph per column count (callers pad to COLUMN_BUCKETS) runs
+        # ~1.3x faster at 9 columns than one graph with a dynamic count
         batch_dynamic(h, step.cos, step.sin, step.attn.mask, step.rows, step.slots)
         for t in (h, step.cos, step.sin, step.slots):
-            torch._dynamo.maybe_mark_dynamic(t, 1)
-        torch._dynamo.maybe_mark_dynamic(step.attn.mask, 2)
+            torch._dynamo.mark_static(t, 1)
+        torch._dynamo.mark_static(step.attn.mask, 2)
     return net.forward_layers(h, lo, hi, step, cache, dec.columns_layer)
 
 
@@ -375,6 +379,9 @@ def pass_logits(dec: Decoder, h: torch.Tensor) -> torch.Tensor:
     """The LM head on a pass's columns: h (b, Q, D) -> logits (b, Q, V) fp32."""
     net = dec.net
     return (dec.exit_logits or _head)(net.norm, None, net.output, h)
+
+
+COLUMN_BUCKETS = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # compiled passes pad their columns up to one of these
 
 
 def _columns(plan: _Row) -> int:

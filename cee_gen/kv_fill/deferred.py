@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from cee_gen.model import FillColumns, Transformer
+from cee_gen.model import Transformer
+from cee_gen.step import FillColumns
 
 if TYPE_CHECKING:
     from cee_gen.engine.exit_step import Running

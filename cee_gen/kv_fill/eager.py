@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from cee_gen import ops
-from cee_gen.model import Step, Transformer
+from cee_gen.model import Transformer
+from cee_gen.step import Step
 from cee_gen.weights.quant import dense_weight
 
 if TYPE_CHECKING:
