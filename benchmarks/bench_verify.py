@@ -2,6 +2,7 @@
 
     python benchmarks/bench_verify.py curve                 # verify pass of k+1 positions vs one step
     python benchmarks/bench_verify.py tasks --limit 12      # Alpaca, Dolly, CNN/DM test rows
+    python benchmarks/bench_verify.py exactness --limit 12  # greedy verify == full, kernel vs MKL
 
 `curve`: for k = 0..16, the time of one full-depth pass over k + 1 positions of one row (the newest
 token and k drafts, from layer 0, as an n-gram verify pass runs) against one plain decode step, both
@@ -15,6 +16,9 @@ per row and setting the median of --repeats timed runs. Speed-up = median over r
 decode time / setting's), decode time = wall time of the whole generation minus the prefill's share
 (ours: the engine's own prefill_s; HF: the time to the first token measured by a streamer). Token
 agreement with our full depth must be 1.000 for our greedy verify mode.
+
+`exactness`: greedy verify against full depth, eager, with our small-M kernel and with torch's matmul,
+counting rows whose tokens differ (see `exactness`).
 
 JSON lines to --out (machine, versions, commit, settings, figures); `python -m cee_gen.bench.report`
 renders them.
@@ -141,7 +145,9 @@ def tasks(args) -> list[dict]:
     hf_settings = {} if hf is None else {
         "hf": {}, f"hf prompt lookup {args.max_draft}": {"prompt_lookup_num_tokens": args.max_draft},
         f"hf assistant early exit {args.early_exit}": {"assistant_early_exit": args.early_exit}}
-    warm = tok("Hello there, how are you?", add_special_tokens=False)["input_ids"]
+    # repetitive, so n-gram drafts reach several lengths and most column buckets compile here
+    warm = tok("Repeat twice: one two three four five six seven eight nine ten.",
+               add_special_tokens=False)["input_ids"]
     for name in runs:  # compile every graph before timing
         ours(name, warm)
     out = []
@@ -198,6 +204,46 @@ def tasks(args) -> list[dict]:
     return out
 
 
+@torch.inference_mode()
+def exactness(args) -> list[dict]:
+    """Greedy verify (n-gram drafts, batch 1, eager) against full depth on each set's first --limit
+    test rows, with the linear layers on our small-M kernel (a row's result does not depend on how many
+    rows a call has) and on torch's own matmul (MKL: one reduction order for one row, another for
+    several). A token where the two runs differ is a near-tie the verify pass's logits flipped."""
+    import cee_gen
+    from cee_gen import data
+    from cee_gen.ops import cpu
+
+    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    tok = model.tokenizer
+    ex = cee_gen.ExitConfig(verify=True, draft="ngram", max_draft=args.max_draft)
+    out = []
+    for kernel in (True, False):
+        cpu.ready = kernel and cpu.load()  # eager reads it at every call
+        for ds in args.datasets.split(","):
+            rows = data.load_split(ds, "test", args.data_dir, limit=args.limit)
+            prompts = [data.render(r, "chat", tok, args.max_prompt_tokens) for r in rows]
+            diverged, tokens, first = 0, 0, []
+            for text in prompts:
+                kw = dict(max_new_tokens=args.new_tokens, chat=False, batch_size=1)
+                [full] = cee_gen.generate(model, text, **kw)
+                [ver] = cee_gen.generate(model, text, exit=ex, **kw)
+                tokens += len(full.token_ids)
+                if ver.token_ids != full.token_ids:
+                    diverged += 1
+                    a, b = full.token_ids, ver.token_ids
+                    first.append(next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
+                                      min(len(a), len(b))))
+            rec = {"kind": "verify_exactness", "dataset": ds,
+                   "linear": "cee_cpu kernel" if kernel else "torch (MKL)",
+                   "rows": len(prompts), "new_tokens": args.new_tokens, "tokens": tokens,
+                   "rows_diverged": diverged, "first_divergence_at": first}
+            print(json.dumps(rec), flush=True)
+            out.append(rec)
+    cpu.ready = cpu.load()
+    return out
+
+
 def _agreement(ref: list[int], got: list[int]) -> float:
     """Share of the reference's positions where `got` has the same token."""
     return sum(a == b for a, b in zip(ref, got)) / max(len(ref), 1) if len(ref) == len(got) else \
@@ -206,7 +252,7 @@ def _agreement(ref: list[int], got: list[int]) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["curve", "tasks"])
+    ap.add_argument("what", choices=["curve", "tasks", "exactness"])
     ap.add_argument("--max-k", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default: curve 5, tasks 1)")
     ap.add_argument("--eager", action="store_true", help="curve: also the eager engine")
@@ -226,7 +272,7 @@ def main(argv=None) -> None:
     args.repeats = args.repeats or (5 if args.what == "curve" else 1)
     args.skip = [x.strip() for x in args.skip.split(",") if x.strip()]
     torch.manual_seed(0)
-    recs = curve(args) if args.what == "curve" else tasks(args)
+    recs = {"curve": curve, "tasks": tasks, "exactness": exactness}[args.what](args)
     c = common(args)
     out = args.out or RESULTS / f"verify_{args.what}_cpu.jsonl"
     with open(out, "a") as f:

@@ -25,6 +25,8 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$(python3 -c \
   python3 -c "import cee_gen.ops.native as n; print('extension:', n.load())"
   echo "== GPU tests"
   python3 -m pytest -q -rs tests/test_ops.py tests/test_attention.py tests/test_placement.py 2>&1 | tail -25
+  echo "== verify mode == full depth on the GPU (fp32, bf16)"
+  python3 -m pytest -q -rs tests/test_verify.py -k cuda 2>&1 | tail -8
   echo "== GPU benchmark"
   python3 benchmarks/bench_gpu.py --shape llama2-7b --compile --out "$OUT/gpu_llama2-7b.jsonl"
   python3 benchmarks/bench_gpu.py --shape llama3-8b --out "$OUT/gpu_llama3-8b.jsonl"

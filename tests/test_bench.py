@@ -64,12 +64,12 @@ def _cfg(setup, **kw):
 def test_quick_preset_writes_finite_records_for_every_set_and_setting_then_resumes(setup):
     recs = run(_cfg(setup, fresh=True), progress=False)
     settings = [r for r in recs if r["kind"] == "setting"]
-    n_grid = len(grid(4, quick=True))
+    n_swept = sum(not s.baseline for s in grid(4, quick=True))
     for ds in ("alpaca", "dolly", "cnndm"):
         test = {r["setting"] for r in settings if r["dataset"] == ds and r["split"] == "test"}
         assert test == {s.label for s in BASELINES + grid(4, quick=True)}
         dev = {r["setting"] for r in settings if r["dataset"] == ds and r["split"] == "dev"}
-        assert len(dev) == n_grid + 1  # full depth and the swept settings; no baselines on dev
+        assert len(dev) == n_swept + 1  # full depth and the swept settings; no baselines, no verify on dev
     for r in settings:
         assert r["rows"] == 2 and len(r["row_ids"]) == 2
         nums = [
@@ -93,6 +93,9 @@ def test_quick_preset_writes_finite_records_for_every_set_and_setting_then_resum
     # HF runs the same (LoRA-merged) weights: its greedy tokens are ours; the original model's are not
     assert hf["token_agreement"] == 1.0 and hf["weights"] == full["weights"] != "base"
     assert by[("alpaca", "test", "base full")]["weights"] == "base"
+    for ds in ("alpaca", "dolly", "cnndm"):  # verify mode gives full depth's tokens, several a pass or not
+        v = by[(ds, "test", "verify ngram")]
+        assert v["token_agreement"] == 1.0 and v["tokens_per_pass"] >= 1.0
     cal = [r for r in recs if r["kind"] == "calibration"]
     assert {c["target"] for c in cal} == {"rougeL_drop:1", "agreement:0.9"}
     out = setup / "out"

@@ -150,6 +150,25 @@ def test_kernel_matches_twin_on_odd_shapes_every_isa(isa, fmt):
 
 
 @pytest.mark.parametrize("fmt", ("f32",) + FORMATS)
+def test_a_rows_result_is_the_same_bit_for_bit_whatever_the_row_count(isa, fmt):
+    """What keeps verify mode's multi-position pass equal to the single-token step (docs/verify.md)."""
+    N, K = 77, 160
+    g = torch.Generator().manual_seed(11)
+    w = weights(N, K, seed=5)
+    qw = None if fmt == "f32" else lowbit.quantize(w, fmt)
+
+    def lin(x):
+        if qw is None:
+            return torch.ops.cee_cpu.linear_f32(x, w, None)
+        return torch.ops.cee_cpu.linear_q(x, qw.qs, qw.d, qw.m, fmt, None)
+
+    x = torch.randn(16, K, generator=g)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])
+    for M in range(2, 17):
+        assert torch.equal(lin(x[:M]), alone[:M]), M
+
+
+@pytest.mark.parametrize("fmt", ("f32",) + FORMATS)
 def test_kernel_takes_strided_and_batched_x(isa, fmt):
     N, K = 33, 96
     g = torch.Generator().manual_seed(7)

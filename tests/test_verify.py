@@ -313,8 +313,21 @@ def test_default_model_verify_equals_full_depth_on_prompts_of_each_set(default_m
         assert got[0].stats["verify"]["tokens_per_pass"] > 1.0, ex
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: none here")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_equals_full_depth_on_cuda(cycling, dtype):
+    """cuBLAS picks kernels by shape, so a multi-position pass may reduce in another order than the
+    single-token step: this finds out whether that flips tokens on a GPU (benchmarks/gpu_check.sh)."""
+    m = cee_gen.load_model(str(cycling.path), dtype=dtype, device="cuda")
+    full = cee_gen.generate(m, COPY_PROMPTS, max_new_tokens=24, batch_size=4)
+    for ex in (ExitConfig(verify=True, draft="ngram"),
+               ExitConfig(strategy="confidence", threshold=0.5, verify=True, draft="exit")):
+        got = cee_gen.generate(m, COPY_PROMPTS, max_new_tokens=24, batch_size=4, exit=ex)
+        assert _ids(got) == _ids(full), ex
+
+
 def test_cli_show_exits_underlines_accepted_drafts_in_verify_mode(cycling, capsys):
     code, out, err = run_cli(["--model", str(cycling.path), "--max-new-tokens", "20", "--raw", "--verify",
-                              "--show-exits", "the quick brown fox"], capsys)
+                              "--show-exits", "--color", "always", "the quick brown fox"], capsys)
     assert code == 0 and "token sources (" in err and "accepted n-gram drafts" in err
     assert "\x1b[4;38;5;45m" in out  # an accepted n-gram draft, underlined

@@ -1,5 +1,5 @@
 """Benchmark records -> markdown tables and speed/quality plots: the one report for `cee-bench` and for
-the focused scripts in benchmarks/ (decode, static exit, strategies).
+the focused scripts in benchmarks/ (decode, static exit, strategies, verify).
 
     python -m cee_gen.bench.report bench_results/bench.jsonl     # rewrites bench.md and bench_<set>.png
     python -m cee_gen.bench.report benchmarks/results/decode_cpu.jsonl   # rewrites decode_cpu.md
@@ -56,8 +56,10 @@ def setting_table(recs: list[dict]) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in recs:
+        tpp = f" ({r['tokens_per_pass']:.2f} tokens/pass)" if r.get("tokens_per_pass") else ""
         lines.append(
-            f"| {r['setting']} | {r['kv_fill'] or '-'} | {r['mean_layers']:.2f} | {r['ideal_speedup']:.2f}x "
+            f"| {r['setting']}{tpp} | {r['kv_fill'] or '-'} | {r['mean_layers']:.2f} "
+            f"| {r['ideal_speedup']:.2f}x "
             f"| {_f(r['measured_speedup'], '{:.2f}x')} | {_f(r['ms_per_token'], '{:.1f}')} "
             f"| {_f(r['decode_tok_s'], '{:.1f}')} | {r['rouge']['rouge1']:.2f} | {r['rouge']['rouge2']:.2f} "
             f"| **{r['rouge']['rougeL']:.2f}** | {_delta(r)} | {r['authors_rouge']['rougeL']:.2f} "
@@ -273,11 +275,97 @@ def strategies_table(recs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _machine_line(r: dict) -> str:
+    m, v = r["machine"], r["versions"]
+    return (f"{m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads; torch {v['torch']}, "
+            f"transformers {v['transformers']}; commit `{r['commit']}`, {r['timestamp']}.")
+
+
+def verify_curve_table(recs: list[dict]) -> str:
+    r0 = recs[0]
+    lines = [
+        f"Verify pass over k + 1 positions (the newest token and k drafts, full depth from layer 0) "
+        f"against one plain decode step, {r0['model']}, {r0['dtype']}, batch 1, median of {r0['repeats']} "
+        f"alternating repeats after a warm-up; {_machine_line(r0)}",
+        "", "| engine | k | positions | pass ms | plain step ms | pass / step |", "|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {'compiled' if r['compiled'] else 'eager'} | {r['k']} | {r['positions']} "
+                     f"| {r['pass_ms']:.1f} | {r['plain_step_ms']:.1f} | {r['pass_over_step']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def verify_task_table(recs: list[dict]) -> str:
+    r0 = recs[0]
+    lines = [
+        f"Verify mode on {r0['model']}, {r0['dtype']}, batch 1, greedy, up to {r0['new_tokens']} new tokens "
+        f"(EOS respected), up to {r0['max_draft']} drafts a pass; {_machine_line(r0)} Speed-up: median over "
+        "rows of the decode-time ratio to our compiled full depth (ours) or to HF plain `generate` (HF's), "
+        "in the same run. Agreement: share of positions equal to our full depth's tokens.",
+    ]
+    for ds in dict.fromkeys(r["dataset"] for r in recs):
+        rs = [r for r in recs if r["dataset"] == ds]
+        lines += ["", f"### {NAMES.get(ds, ds)}: {rs[0]['rows']} test rows", "",
+                  "| setting | speed-up | over | ms/token | tokens per pass | drafts accepted "
+                  "| plain steps | agreement | identical rows |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in rs:
+            acc = "-"
+            if r.get("proposed"):
+                acc = ", ".join(f"{s} {r['accepted'][s]}/{r['proposed'][s]} "
+                                f"({r['accepted'][s] / r['proposed'][s]:.2f})"
+                                for s in r["proposed"] if r["proposed"][s]) or "-"
+            lines.append(
+                f"| {r['setting']} | {r['speedup']:.2f}x | {r['speedup_over']} | {r['ms_per_token']:.1f} "
+                f"| {_f(r.get('tokens_per_pass'))} | {acc} | {_f(r.get('plain_step_share'))} "
+                f"| {_f(r['agreement_with_full'], '{:.3f}')} | {_f(r['identical_rows'], '{}')}/{r['rows']} |")
+    return "\n".join(lines) + "\n"
+
+
+def verify_exactness_table(recs: list[dict]) -> str:
+    r0 = recs[0]
+    lines = [
+        f"Greedy verify mode (n-gram drafts, eager, batch 1) against full depth, {r0['model']}, "
+        f"{r0['dtype']}, up to {r0['new_tokens']} new tokens, with the linear layers on our small-M kernel "
+        "and on torch's matmul; a row diverges where a verify pass's logits flipped a near-tie. "
+        f"{_machine_line(r0)}",
+        "", "| linear layers | set | rows | tokens | rows diverged | first divergence at token |",
+        "|---|---|---|---|---|---|"]
+    for r in recs:
+        at = ", ".join(map(str, r["first_divergence_at"])) or "-"
+        lines.append(f"| {r['linear']} | {NAMES.get(r['dataset'], r['dataset'])} | {r['rows']} "
+                     f"| {r['tokens']} | {r['rows_diverged']} | {at} |")
+    return "\n".join(lines) + "\n"
+
+
+def default_speed_table(recs: list[dict]) -> str:
+    r0 = recs[0]
+    lines = [
+        f"What a user gets by default: {r0['model']}, {r0['dtype']}, greedy, {r0['new_tokens']} new tokens "
+        f"(EOS respected), chat template, {r0['prompts']} prompts; wall time of the whole job (prefill, "
+        f"padding, compile where it happens), median of {r0['repeats']} repeats after a warm-up. "
+        f"{_machine_line(r0)}", "",
+        "| job | setting | wall s | first text s | tok/s | speed-up vs HF | first run s (a fresh process) "
+        "| same tokens |", "|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        lines.append(f"| {r['job']} | {r['setting']} | {r['wall_s']:.2f} | {_f(r.get('first_text_s'))} "
+                     f"| {_f(r.get('tok_s'), '{:.1f}')} | {_f(r.get('speedup_vs_hf'), '{:.2f}x')} "
+                     f"| {_f(r.get('first_run_s'), '{:.1f}')} "
+                     f"| {_f(r.get('same_tokens_as_ours_default'), '{}')} |")
+    return "\n".join(lines) + "\n"
+
+
 def script_table(recs: list[dict]) -> str:
     """The table of a benchmarks/ script's latest run, chosen by its records' fields."""
     recs = load_latest_run_of(recs)
     if any(r.get("kind") == "decode" for r in recs):
         return decode_table(recs)
+    if recs[0].get("kind") == "verify_curve":
+        return verify_curve_table(recs)
+    if recs[0].get("kind") == "verify_task":
+        return verify_task_table(recs)
+    if recs[0].get("kind") == "default_speed":
+        return default_speed_table(recs)
+    if recs[0].get("kind") == "verify_exactness":
+        return verify_exactness_table(recs)
     if "ideal_speedup_cost_aware" in recs[0]:
         return strategies_table(recs)
     if "exit_layer" in recs[0] and "t_layer_ms" in recs[0]:

@@ -39,7 +39,8 @@ def grid(n_layers: int, quick: bool = False) -> list[Setting]:
       patience (2, 3 agreeing layers) read the exit head's logits, an LM-head product per candidate
       layer, so they get the candidates 16, 18, .., 28 (every other layer from ~L/2);
     - saturation (CALM's cosine >= 0.99, 0.95) from layer 16 on; hash (HashEE, frequency buckets at
-      24, 26, 28); cascade (first 24 layers as the small model, max prob >= 0.95, 0.9).
+      24, 26, 28); cascade (first 24 layers as the small model, max prob >= 0.95, 0.9);
+    - verify mode with n-gram drafts, and with auto drafts (n-gram, else the policy's exits at 0.15).
     `quick` keeps one setting per family.
     """
     L = n_layers
@@ -101,6 +102,16 @@ def grid(n_layers: int, quick: bool = False) -> list[Setting]:
             {"strategy": "cascade", "exit_layer": at(24 / 30), "threshold": t},
         )
         for t in (0.95, 0.9)
+    ]
+    # verify mode (docs/verify.md): the full model's tokens exactly, faster where drafts are accepted;
+    # no knob, so no dev runs and no calibration
+    g += [
+        Setting("verify ngram", "verify", exit={"strategy": "full", "verify": True, "draft": "ngram"}),
+        Setting(
+            "verify auto policy t=0.15",
+            "verify",
+            exit={"strategy": "policy", "threshold": 0.15, "verify": True, "draft": "auto"},
+        ),
     ]
     if quick:
         seen: set[str] = set()

@@ -178,6 +178,7 @@ class Runner:
             "decode_s": r.stats["decode_s"],
             "finish": r.finish_reason,
             "weights": r.stats["weights"],
+            "tokens_per_pass": (r.stats.get("verify") or {}).get("tokens_per_pass"),
         }
 
     def _hf(self, ids: list[int], new_tokens: int) -> dict:

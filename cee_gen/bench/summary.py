@@ -133,6 +133,9 @@ def summarize(
                 "measured_speedup_pooled": round(full_ms / my_ms, 3) if full_ms and my_ms else None,
                 "peak_mb": max((x["peak_mb"] for x in recs if x.get("peak_mb") is not None), default=None),
                 "finished_by_eos": sum(x["finish"] == "stop" for x in recs),
+                # verify mode: tokens a verify pass gave, mean over rows
+                "tokens_per_pass": round(statistics.mean(tpp), 3) if (tpp := [
+                    x["tokens_per_pass"] for x in recs if x.get("tokens_per_pass")]) else None,
             }
         )
     return out

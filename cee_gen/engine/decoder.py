@@ -16,8 +16,6 @@ out, since a graph replays into fixed buffers.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from cee_gen.cache import StaticKVCache
@@ -63,7 +61,6 @@ class Decoder:
         # tensors, which the step writes, are marked static (new_cache) and the logits are copied out.
         self.graphs = compile and mode == "reduce-overhead"
         self.compile_s = 0.0
-        self._warm_shapes: set = set()
         self._step = plain_step
         # the exit step's pieces; None: eager (the blocks and heads themselves)
         self.layer = self.exit_logits = self.exit_policy = self.layer_policy = self.columns_layer = None
@@ -97,17 +94,14 @@ class Decoder:
         # Compiled: attend over the whole cache (its slot dimension is dynamic, see new_cache).
         # Eager: attend only over the filled slots, which saves reading the empty tail.
         kv_len = None if self.compiled else slot + 1
-        key = (tuple(tok.shape), depth, kv_fill)
-        first = self.compiled and key not in self._warm_shapes
-        t0 = time.perf_counter()
+        c0 = self.compile_seconds() if self.compiled else None
         if self.graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be reused
         out = self._step(self.net, cache, tok, slots, pad, kv_len, depth, filler, kv_fill)
         if self.graphs:
             out = out.clone()  # the graph's output buffer is overwritten by the next replay
-        if first:  # this call traced and compiled a graph
-            self.compile_s += time.perf_counter() - t0
-            self._warm_shapes.add(key)
+        if c0 is not None:  # a new shape (batch, depth, cache length) compiles inside the call
+            self.compile_s += (self.compile_seconds() or c0) - c0
         return out
 
     @staticmethod

@@ -46,6 +46,8 @@ class ExitRun:
     draft: str | None = None  # verify mode (engine/verify.py): the draft source; None = no verify mode
     max_draft: int = 8
     ngram: int = 3
+    threshold: float | None = None  # the strategy's threshold in effect (stats)
+    operating_point: str | None = None  # its name, when it is the heads file's calibrated default
 
     @property
     def uniform_depth(self) -> int | None:

@@ -190,7 +190,9 @@ class Verifier:
                                    on_token=on_token)
         tm = batch.timings
         self.pad_id = pad_id
-        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, bonus=True, always=self.source == "ngram", rows=B),
+        # n-gram drafts adapt (a row copying nothing falls back to plain steps); exit drafts asked for
+        # by name always draft, so that their acceptance is measured
+        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, bonus=True, always=False, rows=B),
                        "exit": Pacer(self.max_draft, 0.7, bonus=False, always=self.source == "exit", rows=B)}
         if self.use_exit:
             kind = fill_kind(self.exit.kv_fill, self.exit.deferred)
@@ -233,8 +235,13 @@ class Verifier:
         if exit_rows:
             self._draft_exits(exit_rows, plans)
         t1 = time.perf_counter()
+        c0 = self.dec.compile_seconds() if self.dec.compiled else None
         logits = self._verify(alive, plans)  # {row: (n, V)}
         t2 = time.perf_counter()
+        if c0 is not None:  # a new column bucket compiles inside a pass: compile time, not verify time
+            compiled = (self.dec.compile_seconds() or c0) - c0
+            self.dec.compile_s += compiled
+            t2 -= compiled
         st.draft_s += t1 - t0
         st.verify_s += t2 - t1
         st.passes += 1
@@ -334,7 +341,6 @@ class Verifier:
     def _layers(self, h: torch.Tensor, rows: list[int], slots: torch.Tensor, lo: int,
                 hi: int) -> torch.Tensor:
         return pass_layers(self.dec, self.batch.cache, self.batch.pad, h, rows, slots, lo, hi)
-
 
     # ---- accepting -----------------------------------------------------------------------------
 
