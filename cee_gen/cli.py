@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
@@ -48,10 +49,11 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
         help_ = f.metadata.get("help", "")
         default = None if f.default is MISSING else f.default
         if f.name == "chat":
-            group.add_argument("--raw", dest="chat", action="store_const", const=False,
-                               help="feed the prompt as plain text, without the chat template")
-            group.add_argument("--chat", dest="chat", action="store_const", const=True,
-                               help="force the chat template (default: used when the model has one)")
+            either = group.add_mutually_exclusive_group()
+            either.add_argument("--raw", dest="chat", action="store_const", const=False,
+                                help="feed the prompt as plain text, without the chat template")
+            either.add_argument("--chat", dest="chat", action="store_const", const=True,
+                                help="force the chat template (default: used when the model has one)")
             continue
         if f.type == "bool" and f.metadata.get("negate"):  # a default-on switch: --no-X turns it off
             group.add_argument(flag, dest=f.name, action="store_false", default=default,
@@ -98,21 +100,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-exits", action="store_true",
                    help="colour each generated token by the layer it exited at, and print a histogram "
                         "of exit layers (to stderr)")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto",
+                   help="colours for --show-exits: auto (on a terminal, unless NO_COLOR is set), always, "
+                        "never (default: auto)")
     for cls in (LoadConfig, GenerationConfig, ExitConfig):  # after its own flags, as its usage lists them
         _add_dataclass_flags(p, cls)
     return p
 
 
+def _utf8(data: bytes, where: str) -> str:
+    """Bytes that must be UTF-8 text -> str; else a one-line error naming where and the byte offset."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CeeGenError(f"{where} is not valid UTF-8 (byte {e.start + 1}, 0x{data[e.start]:02x}): "
+                          "pass UTF-8 text, e.g. convert it with iconv -t UTF-8") from None
+
+
 def _read_prompts(args) -> list[dict]:
     rows = []
-    for text in args.prompts:
-        rows.append({"prompt": sys.stdin.read() if text == "-" else text})
+    for i, text in enumerate(args.prompts, 1):
+        if text == "-":
+            rows.append({"prompt": _utf8(sys.stdin.buffer.read(), "stdin")})
+        else:  # an argument's undecodable bytes reach Python as lone surrogates (PEP 383)
+            rows.append({"prompt": _utf8(os.fsencode(text), f"prompt argument {i}")})
     if args.input is not None:
         try:
-            lines = args.input.read_text(encoding="utf-8").splitlines()
+            raw = args.input.read_bytes()
         except OSError as e:
             raise CeeGenError(f"cannot read --input {args.input}: {e.strerror}") from None
-        for n, line in enumerate(lines, 1):
+        for n, data in enumerate(raw.splitlines(), 1):
+            line = _utf8(data, f"{args.input}:{n}")
             if not line.strip():
                 continue
             try:
@@ -145,6 +163,12 @@ def run(argv: list[str] | None = None) -> int:
     ex = config_from(args, ExitConfig).validate()
     if args.output is not None and not args.output.expanduser().parent.is_dir():
         raise CeeGenError(f"cannot write --output {args.output}: its folder does not exist")
+    if args.stream and (args.json or args.output is not None):
+        raise CeeGenError("--stream prints text to the terminal as it comes, while --json and --output "
+                          "give whole results at the end: drop --stream or the other")
+    if args.stream and args.show_exits:
+        raise CeeGenError("--show-exits colours each token once its exit layer is known, after the "
+                          "generation, so it cannot --stream: drop one of them")
     rows = _read_prompts(args)
 
     import cee_gen
@@ -152,14 +176,16 @@ def run(argv: list[str] | None = None) -> int:
     model = cee_gen.load_model(load.model, dtype=load.dtype, device=load.device, quantize=load.quantize,
                                attention=load.attention, device_map=load.device_map)
     stream = None
-    if args.stream and not args.json and args.output is None:
+    if args.stream:
         def stream(i, delta):
             print(delta, end="", flush=True)
         gen.batch_size = 1  # stream prompts one after another, in order
-    if args.show_exits:
-        stream = None  # the coloured text needs each token's exit layer, known at the end
     results = cee_gen.generate(model, [r["prompt"] for r in rows], config=gen, exit=ex, stream=stream)
 
+    s0 = results[0].stats
+    if s0.get("operating_point"):
+        print(f"cee-generate: policy threshold {s0['threshold']:g}, the heads' calibrated operating point "
+              f"{s0['operating_point']!r} (--threshold T overrides it)", file=sys.stderr)
     records = []
     for row, res in zip(rows, results):
         rec = {**row, "text": res.text, "token_ids": res.token_ids,
@@ -173,7 +199,7 @@ def run(argv: list[str] | None = None) -> int:
     else:
         for i, res in enumerate(results):
             if args.show_exits:
-                body, hist = show_exits(model, res)
+                body, hist = show_exits(model, res, _use_colour(args.color))
                 print(body)
                 print(hist, file=sys.stderr)
             elif stream is None:
@@ -197,8 +223,20 @@ def _colour(depth: int, n_layers: int) -> int:
     return _RAMP[round((depth - 1) / max(n_layers - 1, 1) * (len(_RAMP) - 1))]
 
 
-def show_exits(model, res) -> tuple[str, str]:
-    """The generated text with each token coloured by its exit depth, and a histogram of exit layers."""
+def _use_colour(choice: str) -> bool:
+    """--color: auto colours only a terminal, and honours NO_COLOR (https://no-color.org)."""
+    if choice != "auto":
+        return choice == "always"
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _paint(style: str, text: str, colour: bool) -> str:
+    return f"\x1b[{style}m{text}\x1b[0m" if colour else text
+
+
+def show_exits(model, res, colour: bool = True) -> tuple[str, str]:
+    """The generated text with each token coloured by its exit depth (plain without colour), and a
+    histogram of exit layers."""
     from cee_gen.engine import exit_histogram
 
     tok, L = model.tokenizer, model.n_layers
@@ -210,15 +248,15 @@ def show_exits(model, res) -> tuple[str, str]:
         prev = text
     sources = res.stats.get("token_sources")
     if sources:  # verify mode: every token is the full model's; accepted drafts are underlined
-        return _show_sources(pieces, sources, res.stats["verify"])
-    body = "".join(f"\x1b[38;5;{_colour(d, L)}m{p}" for d, p in zip(depth, pieces)) + "\x1b[0m"
+        return _show_sources(pieces, sources, res.stats["verify"], colour)
+    body = "".join(_paint(f"38;5;{_colour(d, L)}", p, colour) for d, p in zip(depth, pieces))
     hist = exit_histogram(depth)
     width = max(hist.values())
     lines = [f"exit layers ({len(depth)} tokens, mean {sum(depth) / len(depth):.1f} of {L}; the first "
              "token comes from the full-depth prefill):"]
     for d, n in hist.items():
         bar = "#" * max(1, round(30 * n / width))
-        lines.append(f"  layer {d:>3} \x1b[38;5;{_colour(d, L)}m{bar}\x1b[0m {n}")
+        lines.append(f"  layer {d:>3} {_paint(f'38;5;{_colour(d, L)}', bar, colour)} {n}")
     return body, "\n".join(lines)
 
 
@@ -228,15 +266,15 @@ _SOURCE_NAME = {"ngram": "accepted n-gram drafts (underlined, blue)",
                 "verify": "from the verify pass itself", "prefill": "from the prefill"}
 
 
-def _show_sources(pieces: list[str], sources: list[str], v: dict) -> tuple[str, str]:
+def _show_sources(pieces: list[str], sources: list[str], v: dict, colour: bool) -> tuple[str, str]:
     """Verify mode's --show-exits: tokens styled by where they came from, and a count per source."""
-    body = "".join(f"\x1b[{_SOURCE_STYLE[s]}m{p}\x1b[0m" for s, p in zip(sources, pieces))
+    body = "".join(_paint(_SOURCE_STYLE[s], p, colour) for s, p in zip(sources, pieces))
     lines = [f"token sources ({len(sources)} tokens, {v['tokens_per_pass']:.2f} per verify pass; every "
              "token is the full model's):"]
     for s in ("ngram", "exit", "verify", "prefill"):
         n = sources.count(s)
         if n:
-            lines.append(f"  \x1b[{_SOURCE_STYLE[s]}m{s:>7}\x1b[0m {n:4d}  {_SOURCE_NAME[s]}")
+            lines.append(f"  {_paint(_SOURCE_STYLE[s], f'{s:>7}', colour)} {n:4d}  {_SOURCE_NAME[s]}")
     return body, "\n".join(lines)
 
 

@@ -110,6 +110,11 @@ class GenerationConfig:
         if self.do_sample and self.temperature <= 0:
             bad(f"temperature must be > 0 when sampling, got {self.temperature}: "
                 "use a positive temperature, or greedy decoding (do_sample=False)")
+        if self.temperature < 0:
+            bad(f"temperature must be > 0, got {self.temperature}: it scales the logits when sampling "
+                "(do_sample); greedy decoding, the default, needs none")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -233,6 +238,17 @@ class ExitConfig:
             bad(f"patience must be a positive integer, got {self.patience!r}")
         if not isinstance(self.min_exit_layer, int) or self.min_exit_layer < 1:
             bad(f"min_exit_layer must be a positive integer, got {self.min_exit_layer!r}")
+        if s == "full" and not self.verify and (self.kv_fill is not None or self.fill_timing != "auto"):
+            bad("exit full runs every layer of every token, so there is no KV to fill: drop --kv-fill "
+                "and --fill-timing, or choose an exit strategy (--exit policy, confidence, ...)")
+        if L is not None and s not in ("full", "static", "cascade"):
+            if self.min_exit_layer >= L:
+                bad(f"min_exit_layer {self.min_exit_layer} leaves no layer to exit at on this "
+                    f"{L}-layer model (a token exits after 1..{L - 1} layers): lower --min-exit-layer")
+            if self.exit_layers is not None and not self.candidates(L, list(range(1, L))):
+                bad(f"no exit layer of exit_layers {self.exit_layers!r} is at or past min_exit_layer "
+                    f"{self.min_exit_layer}: exits would never happen; lower --min-exit-layer or pick "
+                    "deeper --exit-layers")
         if self.exit_layers is not None and L is not None:
             self.candidates(L, list(range(1, L)))  # parse errors surface now
         return self

@@ -13,6 +13,7 @@ split into batches of `batch_size`, left-padded and decoded by engine.generate_b
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from cee_gen.config import ExitConfig, GenerationConfig
 from cee_gen.engine import Decoder, ExitRun, exit_histogram, generate_batch
 from cee_gen.errors import CeeGenError
 from cee_gen.exits import ExitHeads, load_heads, make_strategy
+from cee_gen.exits.heads import default_operating_point
 from cee_gen.weights import placement
 from cee_gen.weights.loading import Model
 
@@ -53,8 +55,20 @@ def _decoder(model: Model, compile: bool, mode: str = "default") -> Decoder:
     key = (compile, mode if compile else None)
     dec = model.decoders.get(key)
     if dec is None:
+        if compile:  # the first steps compile: say so, on stderr, before the wait
+            print(f"cee-gen: compiling the decode step (once per process: ~20-60 s on 2 CPU cores, less with "
+                  f"the warm on-disk cache in {_inductor_cache()})", file=sys.stderr, flush=True)
         dec = model.decoders[key] = Decoder(model.net, compile=compile, mode=mode)
     return dec
+
+
+def _inductor_cache() -> str:
+    try:
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        return cache_dir()
+    except Exception:  # a torch without it: its documented default
+        return "$TORCHINDUCTOR_CACHE_DIR"
 
 
 def exit_heads(model: Model, path: str | None) -> ExitHeads:
@@ -67,22 +81,35 @@ def exit_heads(model: Model, path: str | None) -> ExitHeads:
     return heads
 
 
-SHIPPED_HEADS = {"SmolLM2-135M-Instruct": "smollm2-135m-instruct.safetensors"}  # in cee_gen/heads/
+# heads that ship in cee_gen/heads/, by model and name (--heads NAME); the first is the default
+SHIPPED_HEADS = {"SmolLM2-135M-Instruct": {"trained": "smollm2-135m-instruct.safetensors",
+                                           "quickfit": "smollm2-135m-instruct-quickfit.safetensors"}}
 
 
-def shipped_heads(model: Model) -> str:
-    """The trained heads that ship for `model` (the default model), or a clear error saying how to
-    train some. Heads files check the model's identity when loaded, so a renamed model cannot pick
-    up the wrong heads."""
+def shipped_heads(model: Model, name: str | None = None) -> str:
+    """The path of heads that ship for `model` (the default model): `name` (trained, quickfit), or the
+    trained ones; else a clear error saying how to train some. Heads files check the model's identity
+    when loaded, so a renamed model cannot pick up the wrong heads."""
     from importlib.resources import files
 
-    name = SHIPPED_HEADS.get(model.name)
-    path = None if name is None else files("cee_gen.heads") / name
+    names = SHIPPED_HEADS.get(model.name, {})
+    if name is not None and name not in names:
+        raise CeeGenError(f"heads {name!r} is neither a file nor heads shipped for {model.name} "
+                          f"({', '.join(names) or 'none ship for it'}): pass a heads file's path")
+    file = names.get(name or "trained")
+    path = None if file is None else files("cee_gen.heads") / file
     if path is None or not path.is_file():
         raise CeeGenError(f"exit policy needs trained policy heads and none ship for {model.name}: make "
                           f"them with `cee-train --model {model.name} --out heads.safetensors` and pass "
                           "--heads heads.safetensors")
     return str(path)
+
+
+def _heads_path(model: Model, heads: str) -> str:
+    """--heads: a file's path, or the name of shipped heads (trained, quickfit) when no such file is here."""
+    if Path(heads).expanduser().exists() or any(c in heads for c in "/\\."):
+        return heads
+    return shipped_heads(model, heads)
 
 
 def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
@@ -94,12 +121,19 @@ def prepare_exit(model: Model, ex: ExitConfig) -> ExitRun:
     ex.validate(model.n_layers)
     if ex.strategy == "policy" and ex.heads is None:
         ex = dataclasses.replace(ex, heads=shipped_heads(model))
+    elif ex.heads is not None:
+        ex = dataclasses.replace(ex, heads=_heads_path(model, ex.heads))
     heads = exit_heads(model, ex.heads)
+    point = None
+    if ex.strategy == "policy" and ex.threshold is None and (op := default_operating_point(heads)):
+        point, threshold = op  # the heads file's calibrated threshold, not the generic 0.5
+        ex = dataclasses.replace(ex, threshold=threshold)
     special = list(getattr(model.tokenizer, "all_special_ids", []) or [])
     strat = make_strategy(ex, heads, model.args.vocab_size, special)
     small = None if ex.cascade_model is None else cascade_model(model, ex.cascade_model).net
     return ExitRun(strategy=strat, heads=heads, kv_fill=ex.fill, small=small, deferred=ex.deferred,
-                   draft=ex.draft_source, max_draft=ex.draft_limit, ngram=ex.ngram)
+                   draft=ex.draft_source, max_draft=ex.draft_limit, ngram=ex.ngram, threshold=ex.thresh,
+                   operating_point=point)
 
 
 def cascade_model(model: Model, path: str) -> Model:
@@ -109,7 +143,10 @@ def cascade_model(model: Model, path: str) -> Model:
     small = model.cascade_models.get(path)
     if small is None:
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[model.dtype]
-        small = load_model(path, dtype=dtype, device=str(model.device))
+        try:
+            small = load_model(path, dtype=dtype, device=str(model.device))
+        except CeeGenError as e:  # its message speaks of "the model"; this is the cascade's small one
+            raise type(e)(f"cascade model: {e}") from None
         if small.args.vocab_size != model.args.vocab_size or \
                 small.tokenizer.get_vocab() != model.tokenizer.get_vocab():
             raise CeeGenError(f"cascade model {path} has another tokenizer than {model.name}: the small "
@@ -178,6 +215,13 @@ def generate(
         raise CeeGenError("no prompts given: pass a string or a non-empty list of strings")
     if not all(isinstance(p, str) for p in prompts):
         raise CeeGenError("every prompt must be a string")
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate, e.g. bytes decoded with surrogateescape
+            raise CeeGenError(f"prompt {i} is not valid text: character {e.start} is a lone surrogate "
+                              f"({p[e.start]!a}): decode the source bytes as UTF-8, with errors='replace' "
+                              "if they may be damaged") from None
 
     ctx = model.args.max_position_embeddings
     encoded = []
@@ -236,7 +280,9 @@ def generate(
                     # deferred: the fill runs inside the layers, so fill_s does not count it
                     "fill_timing": (("deferred" if ex.deferred else "eager")
                                     if ex.strategy != "full" else None),
-                    "threshold": ex.thresh,
+                    "threshold": run.threshold,
+                    # the heads file's calibrated operating point in use (policy without a threshold)
+                    "operating_point": run.operating_point,
                     "candidate_layers": run.strategy.layers,
                     "exit_histogram": exit_histogram(row.layers_per_token[1:]),
                     "decision_s": t.decision_s,

@@ -81,6 +81,16 @@ def test_interrupt_while_writing_leaves_no_partial_file(tmp_path, monkeypatch):
     (["--device", "tpu", "hi"], "device"),
     ([], "no prompt given"),
     (["--model", "/no/such/model", "hi"], "does not exist"),
+    # conflicts are refused, not silently resolved
+    (["--raw", "--chat", "hi"], "not allowed with argument"),
+    (["--json", "--stream", "hi"], "drop --stream or the other"),
+    (["--output", "out.jsonl", "--stream", "hi"], "drop --stream or the other"),
+    (["--show-exits", "--stream", "hi"], "cannot --stream"),
+    (["--exit", "full", "--kv-fill", "copy-kv", "hi"], "no KV to fill"),
+    (["--exit", "entropy", "--min-exit-layer", "40", "hi"], "leaves no layer to exit at"),
+    (["--exit", "entropy", "--exit-layers", "1", "--min-exit-layer", "2", "hi"], "exits would never"),
+    (["--temperature", "-1", "hi"], "temperature must be > 0"),
+    (["--seed", "-1", "hi"], "seed must be an integer"),
 ])
 def test_bad_flags_exit_2_with_one_line_error(tiny_dir, argv, words, capsys):
     if "--model" not in argv:
@@ -101,3 +111,42 @@ def test_stdin_prompt_through_the_installed_command(tiny_dir):
 def test_help_shows_examples(capsys):
     code, out, _ = run_cli(["--help"], capsys)
     assert code == 0 and "examples:" in out and "--max-new-tokens" in out and "--raw" in out
+
+
+def _cli(tiny_dir, *argv, stdin=b""):
+    return subprocess.run([sys.executable, "-m", "cee_gen.cli", "--model", str(tiny_dir), "--max-new-tokens",
+                           "3", *argv], input=stdin, capture_output=True, timeout=120)
+
+
+def test_non_utf8_stdin_and_arguments_get_one_line_errors_naming_the_byte(tiny_dir):
+    for proc, where in ((_cli(tiny_dir, "-", stdin=b"Hello \xff\xfe world\n"), "stdin"),
+                        (_cli(tiny_dir, b"Hello \xff world"), "prompt argument 1")):
+        err = proc.stderr.decode()
+        assert proc.returncode == 2 and f"{where} is not valid UTF-8 (byte 7, 0xff)" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_non_utf8_input_line_names_its_file_and_line(tiny_dir, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'{"prompt": "fine"}\n{"prompt": "bad \xc3"}\n')
+    code, _, err = run_cli(["--model", str(tiny_dir), "--input", str(src), "--output",
+                            str(tmp_path / "o.jsonl")], capsys)
+    assert code == 2 and f"{src}:2 is not valid UTF-8" in err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_api_refuses_text_with_lone_surrogates_in_one_line(tiny_model):
+    import cee_gen
+
+    with pytest.raises(cee_gen.CeeGenError, match="prompt 1 is not valid text.*character 4"):
+        cee_gen.generate(tiny_model, ["fine", "bad \udcff"], max_new_tokens=2)
+
+
+def test_overwriting_an_output_file_keeps_its_permissions(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    out.chmod(0o600)
+    code, _, _ = run_cli(["--model", str(tiny_dir), "--max-new-tokens", "2", "--output", str(out), "hi"],
+                         capsys)
+    assert code == 0 and json.loads(out.read_text())["text"] is not None
+    assert out.stat().st_mode & 0o777 == 0o600

@@ -190,11 +190,40 @@ def test_missing_user_gguf_raises_model_load_error(cache, tmp_path):
 
 def test_gguf_transformers_cannot_read_raises_one_line_error(cache, tmp_path):
     bad = tmp_path / "garbage.gguf"
-    bad.write_bytes(b"this is not a gguf file" * 10)
+    bad.write_bytes(b"GGUF" + b"this is not a gguf file" * 10)
     with pytest.raises(ModelLoadError, match="transformers cannot read") as e:
         dm.ensure_converted_gguf(bad, progress=lambda msg: None)
     assert "\n" not in str(e.value)
     assert not any((cache / "gguf").glob("garbage-*"))
+
+
+def test_a_file_that_is_no_gguf_is_refused_before_anything_is_said_or_written(cache, tmp_path):
+    bad = tmp_path / "fake.gguf"
+    bad.write_bytes(b"this is not a gguf file" * 10)
+    said = []
+    with pytest.raises(ModelLoadError, match="is not a GGUF file") as e:
+        dm.ensure_converted_gguf(bad, progress=said.append)
+    assert "\n" not in str(e.value) and said == [] and not cache.exists()  # no lock file either
+
+
+def test_cached_model_files_get_the_usual_modes(cache, tmp_path, monkeypatch):
+    gguf = tmp_path / "mine.gguf"
+    gguf.write_bytes(FAKE_GGUF)
+    convert = fake_converter()
+
+    def private_files(gguf_path, out_dir, progress=None):  # as safetensors' writer leaves them: 0600
+        out = convert(gguf_path, out_dir, progress)
+        (out / "config.json").chmod(0o600)
+        return out
+
+    monkeypatch.setattr(dm, "convert_gguf_to_hf", private_files)
+    old = os.umask(0o022)
+    try:
+        folder = dm.ensure_converted_gguf(gguf, progress=lambda msg: None)
+    finally:
+        os.umask(old)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
 
 
 @pytest.mark.skipif(os.environ.get("CEE_GEN_SKIP_DEFAULT_MODEL") == "1",

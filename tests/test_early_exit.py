@@ -20,12 +20,26 @@ from cee_gen.kv_fill import EagerFill, RecomputeFill
 @pytest.mark.parametrize("strategy", ["policy", "confidence", "entropy", "patience", "saturation", "hash"])
 def test_every_strategy_with_no_candidate_layer_equals_the_full_model_token_for_token(
         model4, policy_file, strategy):
+    from cee_gen.config import GenerationConfig
+    from cee_gen.engine import Decoder, generate_batch
+    from cee_gen.generate import encode_prompt, prepare_exit
+
     L = model4.n_layers
-    full = cee_gen.generate(model4, PROMPTS, max_new_tokens=16)
-    ex = ExitConfig(strategy=strategy, min_exit_layer=L, heads=policy_file if strategy == "policy" else None)
-    got = cee_gen.generate(model4, PROMPTS, max_new_tokens=16, exit=ex)
-    assert _ids(got) == _ids(full)
-    assert all(set(r.stats["layers_per_token"]) == {L} for r in got)
+    heads = policy_file if strategy == "policy" else None
+    run = prepare_exit(model4, ExitConfig(strategy=strategy, heads=heads))
+    run.strategy.layers = []  # no candidate layer (a config asking for none is refused, so set it here)
+    if strategy == "hash":  # its plan is a table of exit layers per token id: every one at L
+        run.strategy.table = [L] * len(run.strategy.table)
+    ids = [encode_prompt(model4, p, None) for p in PROMPTS]
+
+    def gen(exit):
+        rows, _ = generate_batch(Decoder(model4.net), ids, GenerationConfig(max_new_tokens=16),
+                                 pad_id=model4.pad_token_id, eos_ids=model4.eos_token_ids, exit=exit)
+        return rows
+
+    full, got = gen(None), gen(run)
+    assert [r.token_ids for r in got] == [r.token_ids for r in full]
+    assert all(set(r.layers_per_token) == {L} for r in got)
 
 
 def test_exits_disabled_is_the_plain_full_depth_step(model4):
@@ -193,10 +207,32 @@ def test_policy_without_policy_heads_names_the_fix(model4, tmp_path):
 
 def test_cli_show_exits_colours_tokens_and_prints_a_histogram(model4, policy_file, capsys):
     code, out, err = run_cli(["--model", str(model4.path), "--max-new-tokens", "8", "--exit", "policy",
-                              "--heads", policy_file, "--show-exits", "the quick"], capsys)
+                              "--heads", policy_file, "--show-exits", "--color", "always", "the quick"],
+                             capsys)
     assert code == 0
     assert "\x1b[38;5;" in out  # coloured tokens
     assert "exit layers (" in err and "layer   4" in err
+
+
+@pytest.mark.parametrize("flags, env", [([], {}), (["--color", "never"], {}), ([], {"NO_COLOR": "1"})])
+def test_cli_show_exits_colours_only_a_terminal_and_honours_no_color(model4, policy_file, capsys,
+                                                                    monkeypatch, flags, env):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    code, out, err = run_cli(["--model", str(model4.path), "--max-new-tokens", "8", "--exit", "policy",
+                              "--heads", policy_file, "--show-exits", *flags, "the quick"], capsys)
+    assert code == 0 and "exit layers (" in err
+    assert "\x1b[" not in out + err  # captured output is no terminal; never and NO_COLOR mean none
+
+
+def test_cli_color_auto_colours_a_terminal_unless_no_color(monkeypatch):
+    from cee_gen.cli import _use_colour
+
+    monkeypatch.setattr("sys.stdout.isatty", lambda: True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert _use_colour("auto") and not _use_colour("never")
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not _use_colour("auto") and _use_colour("always")
 
 
 def test_cli_exit_flags_reach_the_engine(model4, capsys):

@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import make_tiny_checkpoint, run_cli
 from safetensors.torch import save_file
 
 import cee_gen
+from cee_gen import CeeGenError, ExitConfig
 from cee_gen.exits.heads import ExitHeads, HeadsFileError, load_heads
 
 
@@ -135,3 +136,56 @@ def test_generate_with_bad_heads_file_is_one_line_error(tiny_model, tmp_path):
     bad.write_bytes(b"not a safetensors file")
     with pytest.raises(cee_gen.CeeGenError, match="cannot read heads file"):
         cee_gen.generate(tiny_model, "hi", exit=cee_gen.ExitConfig(strategy="policy", heads=str(bad)))
+
+
+def test_heads_operating_point_is_the_policy_default_threshold_and_is_reported(model4, policy_file,
+                                                                              tmp_path, capsys):
+    import shutil
+
+    from cee_gen.exits.heads import set_operating_points
+
+    f = tmp_path / "calibrated.safetensors"
+    shutil.copy(policy_file, f)
+    set_operating_points(f, {"rougeL_drop:1": {"threshold": 0.31, "how": "test"}}, "rougeL_drop:1")
+    [r] = cee_gen.generate(model4, "the quick", max_new_tokens=4,
+                           exit=ExitConfig(strategy="policy", heads=str(f)))
+    assert r.stats["threshold"] == 0.31 and r.stats["operating_point"] == "rougeL_drop:1"
+    [r] = cee_gen.generate(model4, "the quick", max_new_tokens=4,
+                           exit=ExitConfig(strategy="policy", heads=str(f), threshold=0.7))
+    assert r.stats["threshold"] == 0.7 and r.stats["operating_point"] is None  # an explicit one wins
+    [r] = cee_gen.generate(model4, "the quick", max_new_tokens=4,
+                           exit=ExitConfig(strategy="policy", heads=policy_file))
+    assert r.stats["threshold"] == 0.5 and r.stats["operating_point"] is None  # no calibration: 0.5
+    code, _, err = run_cli(["--model", str(model4.path), "--max-new-tokens", "3", "--exit", "policy",
+                            "--heads", str(f), "hi"], capsys)
+    assert code == 0 and "threshold 0.31, the heads' calibrated operating point 'rougeL_drop:1'" in err
+
+
+def test_operating_point_is_the_lowest_threshold_within_a_point_of_full_on_dev():
+    from cee_gen.bench.operating_point import choose
+
+    def rec(ds, t, d):
+        return {"kind": "setting", "split": "dev", "family": "policy", "knob": t, "dataset": ds,
+                "rougeL_delta": d, "rows": 5}
+
+    recs = [rec("alpaca", 0.3, 0.0), rec("dolly", 0.3, -2.0), rec("alpaca", 0.15, -0.5),
+            rec("dolly", 0.15, -1.0), rec("alpaca", 0.08, -3.0), rec("dolly", 0.08, 0.0)]
+    t, how = choose(recs)
+    assert t == 0.15 and "-0.75" in how  # 0.08 averages -1.5: too far below full depth
+    with pytest.raises(CeeGenError, match="no policy threshold"):
+        choose([rec("alpaca", 0.3, -5.0)])
+
+
+def test_unknown_heads_name_is_a_one_line_error(model4):
+    with pytest.raises(CeeGenError, match="neither a file nor heads shipped"):
+        cee_gen.generate(model4, "hi", max_new_tokens=2,
+                         exit=ExitConfig(strategy="policy", heads="quikfit"))
+
+
+@pytest.mark.default_model
+def test_shipped_heads_by_name_from_any_folder(default_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("quickfit", "trained"):
+        [r] = cee_gen.generate(default_model, "Hi", max_new_tokens=3,
+                               exit=ExitConfig(strategy="policy", heads=name, threshold=0.5))
+        assert r.stats["exit"] == "policy"

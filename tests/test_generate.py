@@ -169,7 +169,7 @@ def test_default_model_batch_equals_one_by_one(default_model):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
-def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model, mode):
+def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model, mode, capsys):
     """The compiled step (matmuls as fused multiply-sums) changes summation order, not results.
     reduce-overhead takes its CUDA-graph path (static cache, step marks, copied logits) on the CPU
     too, where torch records no graphs: this checks that path's plumbing; a GPU run its graphs."""
@@ -179,6 +179,10 @@ def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model, mode):
     assert [r.token_ids for r in compiled] == [r.token_ids for r in eager]
     assert compiled[0].stats["compile_s"] > 0  # the first call really compiled
     assert tiny_model.decoders[(True, mode)].graphs == (mode == "reduce-overhead")
+    err = capsys.readouterr().err
+    assert err.count("cee-gen: compiling the decode step (once per process") == 1  # said once, up front
+    cee_gen.generate(tiny_model, PROMPTS[:1], max_new_tokens=2, compile=True, compile_mode=mode)
+    assert "compiling" not in capsys.readouterr().err
 
 
 def test_linear_as_multiply_sum_matches_nn_linear():

@@ -144,6 +144,32 @@ def test_resume_refuses_other_settings_and_a_missing_checkpoint(setup, monkeypat
         train(_cfg(setup, out=str(setup / "r.safetensors"), resume=True, alpha=0.5), progress=lambda m: None)
 
 
+class _Planted:
+    """A pickle that runs code when loaded without weights_only."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PLANTED_CODE_RAN",))
+
+
+@pytest.mark.parametrize("content", ["planted", "damaged", "foreign"])
+def test_resume_runs_no_code_from_a_planted_checkpoint_and_names_a_bad_one(setup, tmp_path, monkeypatch,
+                                                                          content):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "h.safetensors"
+    ckpt = tmp_path / "h.safetensors.ckpt"
+    if content == "planted":
+        torch.save({"config": _Planted()}, ckpt)
+    elif content == "damaged":
+        ckpt.write_bytes(b"PK\x03\x04 not a whole zip")
+    else:
+        torch.save({"weights": torch.zeros(2)}, ckpt)
+    with pytest.raises(CeeGenError, match="--resume: .* (is not a cee-train checkpoint|is damaged)") as e:
+        train(_cfg(setup, out=str(out), resume=True), progress=lambda m: None)
+    assert "\n" not in str(e.value) and not (tmp_path / "PLANTED_CODE_RAN").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("direction", [-1, 1])
 def test_stage2_moves_the_policy_the_way_its_reward_points(setup, monkeypatch, direction):

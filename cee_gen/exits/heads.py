@@ -187,6 +187,10 @@ class ExitHeads(nn.Module):
             "lora": None if self.lora is None else {"rank": self.lora.rank, "alpha": self.lora.alpha,
                                                     "targets": self.lora.targets},
             "training": self.meta.get("training", {}),
+            # calibrated thresholds: name -> {"threshold": t, "how": ...}; the default is used for
+            # the policy strategy when no threshold is given (set_operating_points)
+            "operating_points": self.meta.get("operating_points", {}),
+            "default_operating_point": self.meta.get("default_operating_point"),
         }
 
     def save(self, path: str | Path, base_name: str | None = None, half: bool = False,
@@ -264,6 +268,8 @@ def load_heads(path: str | Path, model: Model, merge: bool = True) -> ExitHeads:
     heads = ExitHeads(net, layers, adapter_rank=int(meta.get("adapter_rank") or 0),
                       policy=meta.get("policy"), policy_hidden=int(meta.get("policy_hidden") or 32),
                       meta={"base_name": base.get("name"), "training": meta.get("training", {}),
+                            "operating_points": meta.get("operating_points") or {},
+                            "default_operating_point": meta.get("default_operating_point"),
                             "path": str(path)}, lora=lora)
     want = heads.state_dict()
     missing = sorted(set(want) - set(tensors))
@@ -290,3 +296,28 @@ def load_heads(path: str | Path, model: Model, merge: bool = True) -> ExitHeads:
         lora.merge(net)
         prov.merged = identity
     return heads.eval().requires_grad_(False)
+
+
+def default_operating_point(heads: ExitHeads) -> tuple[str, float] | None:
+    """The heads file's default calibrated policy threshold: (name, threshold), or None."""
+    name = heads.meta.get("default_operating_point")
+    point = (heads.meta.get("operating_points") or {}).get(name) if name else None
+    return None if point is None else (name, float(point["threshold"]))
+
+
+def set_operating_points(path: str | Path, points: dict, default: str | None) -> None:
+    """Rewrite a heads file's metadata with calibrated operating points (name -> {"threshold": t,
+    "how": what it meets and where it was measured}); tensors unchanged, written atomically."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header[META_KEY])
+    if default is not None and default not in points:
+        raise CeeGenError(f"default operating point {default!r} is not among {sorted(points)}")
+    meta["operating_points"], meta["default_operating_point"] = points, default
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**header, META_KEY: json.dumps(meta)})

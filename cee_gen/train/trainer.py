@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from cee_gen.config import ExitConfig
-from cee_gen.errors import CeeGenError
+from cee_gen.errors import CeeGenError, one_line
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.files import atomic_path, pyplot, save_figure
 from cee_gen.train.accel import Accel
@@ -132,6 +132,23 @@ def _checkpoint(path: Path, **state) -> None:
         torch.save(state, tmp)
 
 
+def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint _checkpoint wrote. Loaded with weights_only (tensors, numbers, strings, lists and
+    dicts; no code runs), so a file planted beside --out cannot execute anything; anything else is a
+    one-line error."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CeeGenError(f"--resume: {path} is not a cee-train checkpoint or is damaged "
+                          f"({one_line(e)[:120]}): delete it and run without --resume") from None
+    keys = {"config", "done", "heads", "gen", "summary", "m_tab", "hists", "metric_lines"}
+    if not isinstance(state, dict) or not keys <= set(state):
+        raise CeeGenError(f"--resume: {path} is not a cee-train checkpoint (it lacks "
+                          f"{sorted(keys - set(state)) if isinstance(state, dict) else 'everything'}): "
+                          "delete it and run without --resume")
+    return state
+
+
 def _resumable(cfg: TrainConfig) -> dict:
     d = asdict(cfg)
     d.pop("resume")
@@ -156,7 +173,7 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
         if not ckpt_path.is_file():
             raise CeeGenError(f"--resume: no checkpoint {ckpt_path} (it is written after each finished "
                               "stage): run without --resume")
-        state = torch.load(ckpt_path, weights_only=False)
+        state = _load_checkpoint(ckpt_path)
         if state["config"] != _resumable(cfg):
             diff = sorted(k for k in state["config"] if state["config"][k] != _resumable(cfg).get(k))
             raise CeeGenError(f"--resume: checkpoint {ckpt_path} was made with other settings ({diff}): "

@@ -78,6 +78,10 @@ def ensure_converted_gguf(gguf_path: str | os.PathLike, progress: Progress | Non
     gguf = Path(gguf_path).expanduser().resolve()
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file {gguf_path} not found: check the path")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":  # checked before anything is said, locked or cached
+            raise ModelLoadError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic "
+                                 "bytes): pass a .gguf model file, or a Hugging Face checkpoint folder")
     st = gguf.stat()
     # Path+size+mtime instead of a content hash: hashing a multi-GB GGUF on every run is too slow.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
@@ -111,7 +115,7 @@ def convert_gguf_to_hf(
     except Exception as e:  # any failure here means "not a GGUF transformers understands"
         raise ModelLoadError(
             f"transformers cannot read {gguf} ({one_line(e)}): use a LLaMA-family GGUF that "
-            "transformers supports, or pass --model PATH to a Hugging Face checkpoint folder"
+            "transformers supports, or load a Hugging Face checkpoint folder instead"
         ) from e
     # A GGUF-loaded model refuses save_pretrained, so save a twin without quantization_config.
     # Built on the meta device it costs no random init; assign=True adopts the fp32 tensors.
@@ -166,6 +170,7 @@ def _build_once(final: Path, build: Callable[[Path, Path], dict], say: Progress,
                 info = build(work, out)
                 info["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 (out / MARKER).write_text(json.dumps(info, indent=1) + "\n")
+                _usual_modes(out)
                 if final.exists():  # an unmarked leftover, e.g. copied by hand
                     shutil.rmtree(final)
                 os.replace(out, final)
@@ -178,6 +183,14 @@ def _build_once(final: Path, build: Callable[[Path, Path], dict], say: Progress,
         ) from e
     say(f"{what} ready (took {time.monotonic() - t0:.0f} s)")
     return final
+
+
+def _usual_modes(folder: Path) -> None:
+    """The modes a plain mkdir / open would give (mkdtemp and some writers make 0700 / 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [folder, *folder.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

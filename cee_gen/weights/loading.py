@@ -99,7 +99,7 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
     if looks_local:
         raise ModelLoadError(f"model path {name_or_path!r} does not exist: pass an existing "
-                             "checkpoint folder or .gguf file, or omit --model for the default model")
+                             "checkpoint folder or .gguf file, or leave the model out for the default one")
     return _download_from_hub(name_or_path)
 
 
