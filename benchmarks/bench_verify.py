@@ -3,6 +3,7 @@
     python benchmarks/bench_verify.py curve                 # verify pass of k+1 positions vs one step
     python benchmarks/bench_verify.py tasks --limit 12      # Alpaca, Dolly, CNN/DM test rows
     python benchmarks/bench_verify.py exactness --limit 12  # greedy verify == full, kernel vs MKL
+    python benchmarks/bench_verify.py lookup --limit 12     # prompt lookup's room, simulated
 
 `curve`: for k = 0..16, the time of one full-depth pass over k + 1 positions of one row (the newest
 token and k drafts, from layer 0, as an n-gram verify pass runs) against one plain decode step, both
@@ -51,7 +52,7 @@ def common(args) -> dict:
 def curve(args) -> list[dict]:
     import cee_gen
     from cee_gen.engine import Decoder
-    from cee_gen.engine.verify import COLUMN_BUCKETS, pass_layers, pass_logits
+    from cee_gen.engine.verify_pass import COLUMN_BUCKETS, pass_layers, pass_logits
 
     model = cee_gen.load_model(None, dtype="float32", device="cpu")
     net, L = model.net, model.n_layers
@@ -244,6 +245,45 @@ def exactness(args) -> list[dict]:
     return out
 
 
+@torch.inference_mode()
+def lookup(args) -> list[dict]:
+    """Prompt lookup simulated on our greedy outputs (no timing): per row, tokens per verify pass when
+    every pass drafts k tokens from the longest match (n <= 3), for k = 2, 4, 8: what n-gram drafts
+    could give with a free verify pass and no pacer."""
+    import cee_gen
+    from cee_gen import data
+    from cee_gen.engine.verify import NgramIndex
+
+    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    out = []
+    for ds in args.datasets.split(","):
+        rows = data.load_split(ds, "test", args.data_dir, limit=args.limit)
+        prompts = [data.render(r, "chat", model.tokenizer, args.max_prompt_tokens) for r in rows]
+        res = cee_gen.generate(model, prompts, max_new_tokens=args.new_tokens, chat=False, batch_size=4)
+        per_k = {}
+        for k in (2, 4, 8):
+            per_row = []
+            for r in res:
+                o = r.token_ids
+                idx, i, passes = NgramIndex(r.prompt_token_ids + o[:1], 3), 1, 0
+                while i < len(o):
+                    d, a = idx.draft(k), 0
+                    while a < len(d) and i + a < len(o) and d[a] == o[i + a]:
+                        a += 1
+                    for t in o[i:i + a + 1]:
+                        idx.append(t)
+                    i, passes = i + a + 1, passes + 1
+                per_row.append((len(o) - 1) / max(passes, 1))
+            per_k[k] = per_row
+        rec = {"kind": "verify_lookup", "dataset": ds, "rows": len(res), "new_tokens": args.new_tokens,
+               **{f"tokens_per_pass_k{k}": {"median": round(statistics.median(v), 3),
+                                            "mean": round(statistics.mean(v), 3), "max": round(max(v), 2)}
+                  for k, v in per_k.items()}}
+        print(json.dumps(rec), flush=True)
+        out.append(rec)
+    return out
+
+
 def _agreement(ref: list[int], got: list[int]) -> float:
     """Share of the reference's positions where `got` has the same token."""
     return sum(a == b for a, b in zip(ref, got)) / max(len(ref), 1) if len(ref) == len(got) else \
@@ -252,7 +292,7 @@ def _agreement(ref: list[int], got: list[int]) -> float:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["curve", "tasks", "exactness"])
+    ap.add_argument("what", choices=["curve", "tasks", "exactness", "lookup"])
     ap.add_argument("--max-k", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default: curve 5, tasks 1)")
     ap.add_argument("--eager", action="store_true", help="curve: also the eager engine")
@@ -272,7 +312,7 @@ def main(argv=None) -> None:
     args.repeats = args.repeats or (5 if args.what == "curve" else 1)
     args.skip = [x.strip() for x in args.skip.split(",") if x.strip()]
     torch.manual_seed(0)
-    recs = {"curve": curve, "tasks": tasks, "exactness": exactness}[args.what](args)
+    recs = {"curve": curve, "tasks": tasks, "exactness": exactness, "lookup": lookup}[args.what](args)
     c = common(args)
     out = args.out or RESULTS / f"verify_{args.what}_cpu.jsonl"
     with open(out, "a") as f:

@@ -48,8 +48,9 @@ from cee_gen.cache import cache_slots
 from cee_gen.config import GenerationConfig
 from cee_gen.engine.batch import Batch, make_fill
 from cee_gen.engine.decoder import Decoder
-from cee_gen.engine.exit_step import ExitRun, ExitStep, batch_dynamic
+from cee_gen.engine.exit_step import ExitRun, ExitStep
 from cee_gen.engine.telemetry import BatchTimings, RowOutput
+from cee_gen.engine.verify_pass import COLUMN_BUCKETS, pass_layers, pass_logits
 from cee_gen.kv_fill import DeferredFill, fill_kind
 from cee_gen.sampling import accept, processed, select_next
 
@@ -190,9 +191,9 @@ class Verifier:
                                    on_token=on_token)
         tm = batch.timings
         self.pad_id = pad_id
-        # n-gram drafts adapt (a row copying nothing falls back to plain steps); exit drafts asked for
-        # by name always draft, so that their acceptance is measured
-        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, bonus=True, always=False, rows=B),
+        # a source asked for by name always drafts (n-gram drafts only where the context has a match:
+        # copying comes in bursts that a pacer backing off to plain steps misses); auto adapts
+        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, bonus=True, always=self.source == "ngram", rows=B),
                        "exit": Pacer(self.max_draft, 0.7, bonus=False, always=self.source == "exit", rows=B)}
         if self.use_exit:
             kind = fill_kind(self.exit.kv_fill, self.exit.deferred)
@@ -235,12 +236,12 @@ class Verifier:
         if exit_rows:
             self._draft_exits(exit_rows, plans)
         t1 = time.perf_counter()
-        c0 = self.dec.compile_seconds() if self.dec.compiled else None
+        s0, c0 = self.dec.compile_s, self.dec.compile_seconds() if self.dec.compiled else None
         logits = self._verify(alive, plans)  # {row: (n, V)}
         t2 = time.perf_counter()
-        if c0 is not None:  # a new column bucket compiles inside a pass: compile time, not verify time
+        if c0 is not None:  # a new shape compiles inside a pass: compile time, not verify time
             compiled = (self.dec.compile_seconds() or c0) - c0
-            self.dec.compile_s += compiled
+            self.dec.compile_s = s0 + compiled  # counted once, whether or not the plain step counted it
             t2 -= compiled
         st.draft_s += t1 - t0
         st.verify_s += t2 - t1
@@ -308,6 +309,11 @@ class Verifier:
         the newest token and all drafts but the last, from their states after m layers."""
         net, batch, dec = self.net, self.batch, self.dec
         L, D, dev = net.args.n_layers, net.args.dim, batch.pad.device
+        if len(alive) == len(batch.out) and all(plans[b].source == "none" for b in alive) \
+                and len({self.pos[b] for b in alive}) == 1:  # no drafts: the plain step, whole
+            tok = torch.tensor([[self.cur[b]] for b in alive], device=dev)
+            logits = dec.step(batch.cache, tok, self.pos[alive[0]], batch.pad)  # (B, V)
+            return {b: logits[i:i + 1] for i, b in enumerate(alive)}
         exit_rows = [b for b in alive if plans[b].source == "exit"]
         m = min(e for b in exit_rows for e in plans[b].exits) if exit_rows else L
         n_cols = {b: _columns(plans[b]) for b in alive}
@@ -363,38 +369,7 @@ class Verifier:
         self.cur[b] = emitted[-1]
 
 
-def pass_layers(dec: Decoder, cache, pad: torch.Tensor, h: torch.Tensor, rows: list[int],
-                slots: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
-    """Layers [lo, hi) for the columns h (b, Q, D) of cache rows `rows` at slots (b, Q) (the cache's
-    rows are left-padded by pad (B,)): a verify pass, or part of one. Under compile every layer is the
-    decoder's compiled layer graph, with the row and column counts dynamic."""
-    net = dec.net
-    r = torch.tensor(rows, device=slots.device)
-    step = net.make_step(slots, pad[r], cache.n_slots, None, None if len(rows) == cache.batch else r)
-    if dec.compiled:
-        # rows dynamic; columns static: a graph per column count (callers pad to COLUMN_BUCKETS) runs
-        # ~1.3x faster at 9 columns than one graph with a dynamic count
-        batch_dynamic(h, step.cos, step.sin, step.attn.mask, step.rows, step.slots)
-        for t in (h, step.cos, step.sin, step.slots):
-            torch._dynamo.mark_static(t, 1)
-        torch._dynamo.mark_static(step.attn.mask, 2)
-    return net.forward_layers(h, lo, hi, step, cache, dec.columns_layer)
-
-
-def pass_logits(dec: Decoder, h: torch.Tensor) -> torch.Tensor:
-    """The LM head on a pass's columns: h (b, Q, D) -> logits (b, Q, V) fp32."""
-    net = dec.net
-    return (dec.exit_logits or _head)(net.norm, None, net.output, h)
-
-
-COLUMN_BUCKETS = (1, 2, 3, 5, 9, 17, 33, 65, 129)  # compiled passes pad their columns up to one of these
-
-
 def _columns(plan: _Row) -> int:
     """A row's columns in the verify pass: the newest token and its drafts; for exit drafts, the newest
     token and all drafts but the last (the last one was never run: nothing to verify it with)."""
     return len(plan.drafts) + (plan.source != "exit")
-
-
-def _head(norm, adapter, output, h):
-    return output(norm(h)).float()
