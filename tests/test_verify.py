@@ -178,7 +178,15 @@ def test_pacer_drafts_when_acceptance_pays_and_falls_back_to_plain_steps_when_it
     p.timed(1, 0.02)  # a plain step: 20 ms
     for _ in range(30):
         p.timed(9, 0.08)  # a pass of 9 columns: 4x a step
-    assert p.c == pytest.approx(3 / 8, rel=0.05) and p.choose(0) < 8  # costly columns: shorter drafts
+    assert p.pass_cost(9) == pytest.approx(4, rel=0.05) and p.choose(0) < 8  # costly: shorter drafts
+    steps = Pacer(limit=8, draft_cost=0.0, bonus=True, always=False, bucket=lambda c: 5 if c <= 5 else 9)
+    steps.timed(1, 0.02)
+    for _ in range(30):
+        steps.timed(5, 0.022)  # up to 5 columns: 1.1 steps; 6 to 9 columns: 2 steps
+        steps.timed(9, 0.04)
+        steps.accepted(8, 8)
+    # every draft accepted: 5 tokens for 1.1 steps beat 9 for 2: the cheap bucket's most
+    assert steps.pass_cost(3) == pytest.approx(1.1, rel=0.05) and steps.choose() == 4
     forced = Pacer(limit=8, draft_cost=0.7, bonus=False, always=True)
     for _ in range(30):
         forced.accepted(4, 0)

@@ -106,26 +106,33 @@ class Pacer:
     """How many tokens to draft from one source: the k that maximizes expected tokens per unit of time.
 
     With per-token acceptance a (measured per row: rows differ, a summary copies more than a chat
-    answer), k drafts give 1 + a + ... + a^k tokens (the bonus included;
-    exit drafts have no bonus position: 1 + ... + a^(k-1) plus a^k for the last draft accepted). The
-    time: a verify pass with k extra columns over a plain step, (1 + c k), plus k draft steps of d
-    plain steps each. c and d start at guesses and follow measured times (moving averages)."""
+    answer), k drafts give 1 + a + ... + a^k tokens (the bonus included; exit drafts have no bonus
+    position: 1 + ... + a^(k-1) plus a^k for the last draft accepted). The time, in plain steps: a
+    verify pass over its columns, measured per column count (compiled passes pad to a few buckets, and
+    the cost steps up at each: `bucket`), plus k draft steps of d plain steps each. Costs start at
+    guesses and follow measured times (moving averages)."""
 
     PROBE = 32  # a source that does not pay is tried again after this many passes without it
 
-    def __init__(self, limit: int, draft_cost: float, bonus: bool, always: bool, rows: int = 1):
+    def __init__(self, limit: int, draft_cost: float, bonus: bool, always: bool, rows: int = 1,
+                 bucket=lambda cols: cols):
         self.limit, self.bonus, self.always = limit, bonus, always  # always: never fall back to 0
         self.a = [0.6] * rows  # per row: acceptance of a drafted token
-        self.c, self.d = 0.1, draft_cost  # cost of a verify column and of a draft step, in plain steps
+        self.d, self.bucket = draft_cost, bucket  # a draft step's cost, in plain steps
+        self.cost: dict[int, float] = {}  # a pass over this many (bucketed) columns, in plain steps
         self.t_plain: float | None = None
         self.idle = [0] * rows
+
+    def pass_cost(self, cols: int) -> float:
+        q = self.bucket(cols)
+        return self.cost.get(q, 1.0 + 0.1 * (q - 1))
 
     def choose(self, row: int = 0) -> int:
         best_k, best = 0, 1.0  # a plain step: one token per unit of time
         a = min(self.a[row], 0.999)
         for k in range(1, self.limit + 1):
             tokens = (1 - a ** (k + 1)) / (1 - a) if self.bonus else (1 - a ** k) / (1 - a) + a ** k
-            rate = tokens / (1 + self.c * k + self.d * k)
+            rate = tokens / (self.pass_cost(k + self.bonus) + self.d * k)
             if rate > best * 1.02:  # a little margin: noise should not make it draft for nothing
                 best_k, best = k, rate
         if best_k == 0 and (self.always or self.idle[row] >= self.PROBE):
@@ -145,7 +152,8 @@ class Pacer:
             return
         if self.t_plain:
             if columns > 1:
-                self.c += 0.2 * (max(seconds / self.t_plain - 1, 0.0) / (columns - 1) - self.c)
+                q, c = self.bucket(columns), seconds / self.t_plain
+                self.cost[q] = c if q not in self.cost else self.cost[q] + 0.2 * (c - self.cost[q])
             if drafts:
                 self.d += 0.2 * (draft_seconds / self.t_plain / drafts - self.d)
 
@@ -193,8 +201,9 @@ class Verifier:
         self.pad_id = pad_id
         # a source asked for by name always drafts (n-gram drafts only where the context has a match:
         # copying comes in bursts that a pacer backing off to plain steps misses); auto adapts
-        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, bonus=True, always=self.source == "ngram", rows=B),
-                       "exit": Pacer(self.max_draft, 0.7, bonus=False, always=self.source == "exit", rows=B)}
+        bucket = self._bucket
+        self.pacers = {"ngram": Pacer(self.max_draft, 0.0, True, self.source == "ngram", B, bucket),
+                       "exit": Pacer(self.max_draft, 0.7, False, self.source == "exit", B, bucket)}
         if self.use_exit:
             kind = fill_kind(self.exit.kv_fill, self.exit.deferred)
             self.fill = make_fill(kind, net, self.exit, B, n_slots, batch.pad, tm)
@@ -317,9 +326,7 @@ class Verifier:
         exit_rows = [b for b in alive if plans[b].source == "exit"]
         m = min(e for b in exit_rows for e in plans[b].exits) if exit_rows else L
         n_cols = {b: _columns(plans[b]) for b in alive}
-        Q = max(n_cols.values())
-        if self.dec.compiled:  # a few column counts, each its own static graph (see pass_layers)
-            Q = next(c for c in COLUMN_BUCKETS if c >= Q)
+        Q = self._bucket(max(n_cols.values()))
         slots = torch.full((len(alive), Q), self.scratch, dtype=torch.long)
         for i, b in enumerate(alive):
             slots[i, :n_cols[b]] = torch.arange(self.pos[b], self.pos[b] + n_cols[b])
@@ -343,6 +350,10 @@ class Verifier:
         h = self._layers(h, alive, slots, m, L)
         logits = pass_logits(dec, h)  # (b, Q, V) fp32
         return {b: logits[i, :n_cols[b]] for i, b in enumerate(alive)}
+
+    def _bucket(self, cols: int) -> int:
+        """The columns a pass of `cols` runs: compiled, one of a few counts, each its own static graph."""
+        return next(c for c in COLUMN_BUCKETS if c >= cols) if self.dec.compiled else cols
 
     def _layers(self, h: torch.Tensor, rows: list[int], slots: torch.Tensor, lo: int,
                 hi: int) -> torch.Tensor:
