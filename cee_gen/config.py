@@ -110,6 +110,9 @@ class GenerationConfig:
         if self.do_sample and self.temperature <= 0:
             bad(f"temperature must be > 0 when sampling, got {self.temperature}: "
                 "use a positive temperature, or greedy decoding (do_sample=False)")
+        if self.do_sample and self.temperature < 1e-4:
+            bad(f"temperature {self.temperature} is below 1e-4, which scales the logits past float range: "
+                "for the most likely token use greedy decoding (do_sample=False)")
         if self.temperature < 0:
             bad(f"temperature must be > 0, got {self.temperature}: it scales the logits when sampling "
                 "(do_sample); greedy decoding, the default, needs none")
@@ -119,8 +122,9 @@ class GenerationConfig:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.repetition_penalty <= 0:
-            bad(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        if not 1e-4 <= self.repetition_penalty <= 1e4:
+            bad(f"repetition_penalty must be in [1e-4, 1e4] (1.0 = off; outside, it scales the logits past "
+                f"float range), got {self.repetition_penalty}")
         if self.stop is not None and (
             isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop)
         ):
