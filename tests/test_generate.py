@@ -192,3 +192,19 @@ def test_linear_as_multiply_sum_matches_nn_linear():
     mod = torch.nn.Linear(37, 19, bias=True)
     x = torch.randn(3, 1, 37)
     torch.testing.assert_close(multiply_sum(x, mod.weight, mod.bias), mod(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_time_is_counted_once_however_deeply_clocks_nest(tiny_model):
+    from cee_gen.engine import Decoder
+
+    dec = Decoder(tiny_model.net)
+    dec.compiled, spent = True, [0.0]  # a clock reads torch's compile counter only when compiled
+    dec.compile_seconds = lambda: spent[0]
+    with dec.compile_clock() as outer:
+        spent[0] += 2.0  # compiling outside any inner block
+        with dec.compile_clock() as inner:
+            spent[0] += 3.0  # and inside one
+    assert (inner.seconds, outer.seconds, dec.compile_s) == (3.0, 5.0, 5.0)
+    with dec.compile_clock():
+        spent[0] += 1.0
+    assert dec.compile_s == 6.0

@@ -60,7 +60,8 @@ class Decoder:
         # reduce-overhead: CUDA graphs (on a GPU). They replay into fixed buffers, so the KV cache
         # tensors, which the step writes, are marked static (new_cache) and the logits are copied out.
         self.graphs = compile and mode == "reduce-overhead"
-        self.compile_s = 0.0
+        self.compile_s = 0.0  # compile time spent in this decoder's calls (compile_clock)
+        self._clocking = False  # a compile_clock block is open: inner blocks add nothing to compile_s
         self._step = plain_step
         # the exit step's pieces; None: eager (the blocks and heads themselves)
         self.layer = self.exit_logits = self.exit_policy = self.layer_policy = self.columns_layer = None
@@ -94,15 +95,19 @@ class Decoder:
         # Compiled: attend over the whole cache (its slot dimension is dynamic, see new_cache).
         # Eager: attend only over the filled slots, which saves reading the empty tail.
         kv_len = None if self.compiled else slot + 1
-        c0 = self.compile_seconds() if self.compiled else None
-        if self.graphs:
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be reused
-        out = self._step(self.net, cache, tok, slots, pad, kv_len, depth, filler, kv_fill)
-        if self.graphs:
-            out = out.clone()  # the graph's output buffer is overwritten by the next replay
-        if c0 is not None:  # a new shape (batch, depth, cache length) compiles inside the call
-            self.compile_s += (self.compile_seconds() or c0) - c0
+        with self.compile_clock():  # a new shape (batch, depth, cache length) compiles inside the call
+            if self.graphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be reused
+            out = self._step(self.net, cache, tok, slots, pad, kv_len, depth, filler, kv_fill)
+            if self.graphs:
+                out = out.clone()  # the graph's output buffer is overwritten by the next replay
         return out
+
+    def compile_clock(self) -> CompileClock:
+        """`with dec.compile_clock() as clock:` the compile time spent inside the block (torch.compile
+        compiles on first use, inside ordinary calls) is added to compile_s, once however deeply such
+        blocks nest; clock.seconds is the block's share, for callers that keep it out of their timings."""
+        return CompileClock(self)
 
     @staticmethod
     def compile_seconds() -> float | None:
@@ -124,3 +129,25 @@ class Decoder:
                 if self.graphs:
                     torch._dynamo.mark_static_address(t)
         return cache
+
+
+class CompileClock:
+    """Decoder.compile_clock's context manager."""
+
+    def __init__(self, dec: Decoder):
+        self.dec, self.seconds = dec, 0.0
+
+    def __enter__(self) -> CompileClock:
+        dec = self.dec
+        self.c0 = dec.compile_seconds() if dec.compiled else None
+        self.outer, dec._clocking = not dec._clocking, True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        dec = self.dec
+        if self.outer:
+            dec._clocking = False
+        if self.c0 is not None:
+            self.seconds = (dec.compile_seconds() or self.c0) - self.c0
+            if self.outer:
+                dec.compile_s += self.seconds

@@ -125,12 +125,8 @@ class ExitStep:
                  pad: torch.Tensor, alive: list[int]) -> tuple[torch.Tensor, dict[int, int]]:
         """tok (B, 1) at cache slot `slot` (or slot[b] for each cache row b); only the rows `alive`
         (host ints) run. Rows not alive get zero logits."""
-        c0 = self.dec.compile_seconds()
-        out = self._step(cache, tok, tok_ids, slot, pad, alive)
-        c1 = self.dec.compile_seconds()
-        if c0 is not None and c1 is not None:  # the pieces compile inside ordinary steps
-            self.dec.compile_s += c1 - c0
-        return out
+        with self.dec.compile_clock():  # the pieces compile inside ordinary steps
+            return self._step(cache, tok, tok_ids, slot, pad, alive)
 
     def _step(self, cache, tok, tok_ids, slot, pad, alive):
         dec, net, heads, strat, fill = self.dec, self.dec.net, self.run.heads, self.run.strategy, self.fill
@@ -218,10 +214,10 @@ class ExitStep:
         if st.plan is not None:
             return [x == stop for x in st.plan], None
         dec = self.dec
-        t0, c0 = time.perf_counter(), dec.compile_seconds() if dec.compiled else None
-        sig = Signals(self.run.heads, stop, st.h[:, 0], dec.exit_logits, dec.exit_policy, p)
-        ex = self.run.strategy.decide(sig, st.rows).tolist()  # the data-dependent sync
-        compiling = (dec.compile_seconds() - c0) if c0 is not None else 0.0  # an exit head's graph
-        self.tm.decision_s += time.perf_counter() - t0 - compiling
+        t0 = time.perf_counter()
+        with dec.compile_clock() as clock:  # an exit head's graph may compile here
+            sig = Signals(self.run.heads, stop, st.h[:, 0], dec.exit_logits, dec.exit_policy, p)
+            ex = self.run.strategy.decide(sig, st.rows).tolist()  # the data-dependent sync
+        self.tm.decision_s += time.perf_counter() - t0 - clock.seconds
         return ex, sig
 

@@ -245,13 +245,9 @@ class Verifier:
         if exit_rows:
             self._draft_exits(exit_rows, plans)
         t1 = time.perf_counter()
-        s0, c0 = self.dec.compile_s, self.dec.compile_seconds() if self.dec.compiled else None
-        logits = self._verify(alive, plans)  # {row: (n, V)}
-        t2 = time.perf_counter()
-        if c0 is not None:  # a new shape compiles inside a pass: compile time, not verify time
-            compiled = (self.dec.compile_seconds() or c0) - c0
-            self.dec.compile_s = s0 + compiled  # counted once, whether or not the plain step counted it
-            t2 -= compiled
+        with self.dec.compile_clock() as clock:  # a new shape compiles inside a pass: not verify time
+            logits = self._verify(alive, plans)  # {row: (n, V)}
+        t2 = time.perf_counter() - clock.seconds
         st.draft_s += t1 - t0
         st.verify_s += t2 - t1
         st.passes += 1
