@@ -11,6 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def usual_mode(directory: bool = False) -> int:
+    """The mode a plain open / mkdir gives under the process's umask (mkstemp / mkdtemp give 0600 / 0700)."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in path's folder; write it inside the block. On success it replaces
@@ -23,9 +30,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except FileNotFoundError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
+            mode = usual_mode()
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:

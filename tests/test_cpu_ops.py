@@ -158,9 +158,7 @@ def test_a_rows_result_is_the_same_bit_for_bit_whatever_the_row_count(isa, fmt):
     qw = None if fmt == "f32" else lowbit.quantize(w, fmt)
 
     def lin(x):
-        if qw is None:
-            return torch.ops.cee_cpu.linear_f32(x, w, None)
-        return torch.ops.cee_cpu.linear_q(x, qw.qs, qw.d, qw.m, fmt, None)
+        return cpu.linear_f32(x, w) if qw is None else cpu.linear_q(x, qw)
 
     x = torch.randn(16, K, generator=g)
     alone = torch.cat([lin(x[i:i + 1]) for i in range(16)])

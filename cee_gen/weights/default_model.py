@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cee_gen.errors import ModelLoadError, one_line
+from cee_gen.files import usual_mode
 
 try:
     import fcntl
@@ -187,10 +188,9 @@ def _build_once(final: Path, build: Callable[[Path, Path], dict], say: Progress,
 
 def _usual_modes(folder: Path) -> None:
     """The modes a plain mkdir / open would give (mkdtemp and some writers make 0700 / 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    file_mode, dir_mode = usual_mode(), usual_mode(directory=True)
     for p in [folder, *folder.rglob("*")]:
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        p.chmod(dir_mode if p.is_dir() else file_mode)
 
 
 @contextlib.contextmanager
