@@ -281,17 +281,28 @@ def _machine_line(r: dict) -> str:
             f"transformers {v['transformers']}; commit `{r['commit']}`, {r['timestamp']}.")
 
 
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line per row of cells."""
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def verify_curve_table(recs: list[dict]) -> str:
     r0 = recs[0]
-    lines = [
+    return "\n".join([
         f"Verify pass over k + 1 positions (the newest token and k drafts, full depth from layer 0) "
         f"against one plain decode step, {r0['model']}, {r0['dtype']}, batch 1, median of {r0['repeats']} "
-        f"alternating repeats after a warm-up; {_machine_line(r0)}",
-        "", "| engine | k | positions | pass ms | plain step ms | pass / step |", "|---|---|---|---|---|---|"]
-    for r in recs:
-        lines.append(f"| {'compiled' if r['compiled'] else 'eager'} | {r['k']} | {r['positions']} "
-                     f"| {r['pass_ms']:.1f} | {r['plain_step_ms']:.1f} | {r['pass_over_step']:.2f} |")
-    return "\n".join(lines) + "\n"
+        f"alternating repeats after a warm-up; {_machine_line(r0)}", "",
+        *_table(["engine", "k", "positions", "pass ms", "plain step ms", "pass / step"],
+                [["compiled" if r["compiled"] else "eager", str(r["k"]), str(r["positions"]),
+                  f"{r['pass_ms']:.1f}", f"{r['plain_step_ms']:.1f}", f"{r['pass_over_step']:.2f}"]
+                 for r in recs])]) + "\n"
+
+
+def _accepted(r: dict) -> str:
+    """Drafts accepted / proposed per source, and the rate."""
+    return ", ".join(f"{s} {r['accepted'][s]}/{r['proposed'][s]} ({r['accepted'][s] / r['proposed'][s]:.2f})"
+                     for s in r.get("proposed") or {} if r["proposed"][s]) or "-"
 
 
 def verify_task_table(recs: list[dict]) -> str:
@@ -304,53 +315,43 @@ def verify_task_table(recs: list[dict]) -> str:
     ]
     for ds in dict.fromkeys(r["dataset"] for r in recs):
         rs = [r for r in recs if r["dataset"] == ds]
-        lines += ["", f"### {NAMES.get(ds, ds)}: {rs[0]['rows']} test rows", "",
-                  "| setting | speed-up | over | ms/token | tokens per pass | drafts accepted "
-                  "| plain steps | agreement | identical rows |", "|---|---|---|---|---|---|---|---|---|"]
-        for r in rs:
-            acc = "-"
-            if r.get("proposed"):
-                acc = ", ".join(f"{s} {r['accepted'][s]}/{r['proposed'][s]} "
-                                f"({r['accepted'][s] / r['proposed'][s]:.2f})"
-                                for s in r["proposed"] if r["proposed"][s]) or "-"
-            lines.append(
-                f"| {r['setting']} | {r['speedup']:.2f}x | {r['speedup_over']} | {r['ms_per_token']:.1f} "
-                f"| {_f(r.get('tokens_per_pass'))} | {acc} | {_f(r.get('plain_step_share'))} "
-                f"| {_f(r['agreement_with_full'], '{:.3f}')} | {_f(r['identical_rows'], '{}')}/{r['rows']} |")
+        lines += ["", f"### {NAMES.get(ds, ds)}: {rs[0]['rows']} test rows", ""]
+        lines += _table(
+            ["setting", "speed-up", "over", "ms/token", "tokens per pass", "drafts accepted", "plain steps",
+             "agreement", "identical rows"],
+            [[r["setting"], f"{r['speedup']:.2f}x", r["speedup_over"], f"{r['ms_per_token']:.1f}",
+              _f(r.get("tokens_per_pass")), _accepted(r), _f(r.get("plain_step_share")),
+              _f(r["agreement_with_full"], "{:.3f}"), f"{_f(r['identical_rows'], '{}')}/{r['rows']}"]
+             for r in rs])
     return "\n".join(lines) + "\n"
 
 
 def verify_exactness_table(recs: list[dict]) -> str:
     r0 = recs[0]
-    lines = [
+    return "\n".join([
         f"Greedy verify mode (n-gram drafts, eager, batch 1) against full depth, {r0['model']}, "
         f"{r0['dtype']}, up to {r0['new_tokens']} new tokens, with the linear layers on our small-M kernel "
         "and on torch's matmul; a row diverges where a verify pass's logits flipped a near-tie. "
-        f"{_machine_line(r0)}",
-        "", "| linear layers | set | rows | tokens | rows diverged | first divergence at token |",
-        "|---|---|---|---|---|---|"]
-    for r in recs:
-        at = ", ".join(map(str, r["first_divergence_at"])) or "-"
-        lines.append(f"| {r['linear']} | {NAMES.get(r['dataset'], r['dataset'])} | {r['rows']} "
-                     f"| {r['tokens']} | {r['rows_diverged']} | {at} |")
-    return "\n".join(lines) + "\n"
+        f"{_machine_line(r0)}", "",
+        *_table(["linear layers", "set", "rows", "tokens", "rows diverged", "first divergence at token"],
+                [[r["linear"], NAMES.get(r["dataset"], r["dataset"]), str(r["rows"]), str(r["tokens"]),
+                  str(r["rows_diverged"]), ", ".join(map(str, r["first_divergence_at"])) or "-"]
+                 for r in recs])]) + "\n"
 
 
 def default_speed_table(recs: list[dict]) -> str:
     r0 = recs[0]
-    lines = [
+    return "\n".join([
         f"What a user gets by default: {r0['model']}, {r0['dtype']}, greedy, {r0['new_tokens']} new tokens "
         f"(EOS respected), chat template, {r0['prompts']} prompts; wall time of the whole job (prefill, "
         f"padding, compile where it happens), median of {r0['repeats']} repeats after a warm-up. "
         f"{_machine_line(r0)}", "",
-        "| job | setting | wall s | first text s | tok/s | speed-up vs HF | first run s (a fresh process) "
-        "| same tokens |", "|---|---|---|---|---|---|---|---|"]
-    for r in recs:
-        lines.append(f"| {r['job']} | {r['setting']} | {r['wall_s']:.2f} | {_f(r.get('first_text_s'))} "
-                     f"| {_f(r.get('tok_s'), '{:.1f}')} | {_f(r.get('speedup_vs_hf'), '{:.2f}x')} "
-                     f"| {_f(r.get('first_run_s'), '{:.1f}')} "
-                     f"| {_f(r.get('same_tokens_as_ours_default'), '{}')} |")
-    return "\n".join(lines) + "\n"
+        *_table(["job", "setting", "wall s", "first text s", "tok/s", "speed-up vs HF",
+                 "first run s (a fresh process)", "same tokens"],
+                [[r["job"], r["setting"], f"{r['wall_s']:.2f}", _f(r.get("first_text_s")),
+                  _f(r.get("tok_s"), "{:.1f}"), _f(r.get("speedup_vs_hf"), "{:.2f}x"),
+                  _f(r.get("first_run_s"), "{:.1f}"), _f(r.get("same_tokens_as_ours_default"), "{}")]
+                 for r in recs])]) + "\n"
 
 
 def script_table(recs: list[dict]) -> str:
