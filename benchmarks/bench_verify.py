@@ -112,7 +112,6 @@ OURS = {  # setting -> ExitConfig fields (None: full depth); the quick-fit heads
 @torch.inference_mode()
 def tasks(args) -> list[dict]:
     import cee_gen
-    from cee_gen import data
     from cee_gen.bench.suite import hf_model
     from cee_gen.config import GenerationConfig
     from cee_gen.engine import Decoder, generate_batch
@@ -153,8 +152,7 @@ def tasks(args) -> list[dict]:
         ours(name, warm)
     out = []
     for ds in args.datasets.split(","):
-        rows = data.load_split(ds, "test", args.data_dir, limit=args.limit)
-        prompts = [data.render(r, "chat", tok, args.max_prompt_tokens) for r in rows]
+        rows, prompts = _test_prompts(args, ds, tok)
         per = {name: [] for name in [*runs, *hf_settings]}
         for i, text in enumerate(prompts):
             ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -212,18 +210,16 @@ def exactness(args) -> list[dict]:
     rows a call has) and on torch's own matmul (MKL: one reduction order for one row, another for
     several). A token where the two runs differ is a near-tie the verify pass's logits flipped."""
     import cee_gen
-    from cee_gen import data
     from cee_gen.ops import cpu
 
     model = cee_gen.load_model(None, dtype="float32", device="cpu")
     tok = model.tokenizer
     ex = cee_gen.ExitConfig(verify=True, draft="ngram", max_draft=args.max_draft)
+    sets = {ds: _test_prompts(args, ds, tok)[1] for ds in args.datasets.split(",")}
     out = []
     for kernel in (True, False):
         cpu.ready = kernel and cpu.load()  # eager reads it at every call
-        for ds in args.datasets.split(","):
-            rows = data.load_split(ds, "test", args.data_dir, limit=args.limit)
-            prompts = [data.render(r, "chat", tok, args.max_prompt_tokens) for r in rows]
+        for ds, prompts in sets.items():
             diverged, tokens, first = 0, 0, []
             for text in prompts:
                 kw = dict(max_new_tokens=args.new_tokens, chat=False, batch_size=1)
@@ -251,14 +247,12 @@ def lookup(args) -> list[dict]:
     every pass drafts k tokens from the longest match (n <= 3), for k = 2, 4, 8: what n-gram drafts
     could give with a free verify pass and no pacer."""
     import cee_gen
-    from cee_gen import data
     from cee_gen.engine.verify import NgramIndex
 
     model = cee_gen.load_model(None, dtype="float32", device="cpu")
     out = []
     for ds in args.datasets.split(","):
-        rows = data.load_split(ds, "test", args.data_dir, limit=args.limit)
-        prompts = [data.render(r, "chat", model.tokenizer, args.max_prompt_tokens) for r in rows]
+        prompts = _test_prompts(args, ds, model.tokenizer)[1]
         res = cee_gen.generate(model, prompts, max_new_tokens=args.new_tokens, chat=False, batch_size=4)
         per_k = {}
         for k in (2, 4, 8):
@@ -282,6 +276,14 @@ def lookup(args) -> list[dict]:
         print(json.dumps(rec), flush=True)
         out.append(rec)
     return out
+
+
+def _test_prompts(args, ds: str, tok) -> tuple[list, list[str]]:
+    """Set `ds`'s first --limit test rows and their prompts (chat template, cut to --max-prompt-tokens)."""
+    from cee_gen import data
+
+    rows = data.load_split(ds, "test", args.data_dir, limit=args.limit)
+    return rows, [data.render(r, "chat", tok, args.max_prompt_tokens) for r in rows]
 
 
 def _agreement(ref: list[int], got: list[int]) -> float:
