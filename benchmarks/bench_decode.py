@@ -54,16 +54,19 @@ def measure_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
 
 
 def weight_bytes_per_token(net) -> int:
-    """Bytes of weights one batch-1 decode step reads: all layers, final norm, LM head (once if tied)."""
+    """Bytes of weights one batch-1 decode step reads: all layers, final norm, LM head (once if tied),
+    in whatever format they are (floats, or GGUF blocks: weights/lowbit.py). The embedding lookup reads
+    one row, so it is not counted (a tied head counts once, as the head)."""
     seen, total = set(), 0
-    for name, p in net.named_parameters():
-        if p.data_ptr() in seen or name == "tok_embeddings.weight":
-            continue  # the embedding lookup reads one row; the tied LM head is counted as output
-        seen.add(p.data_ptr())
-        total += p.numel() * p.element_size()
-    if net.args.tie_word_embeddings:
-        w = net.tok_embeddings.weight
-        total += w.numel() * w.element_size()
+    for name, mod in net.named_modules():
+        if name == "tok_embeddings":
+            continue
+        tensors = [*mod.parameters(recurse=False),
+                   *(b for n, b in mod.named_buffers(recurse=False) if n in ("qs", "d", "m") and b is not None)]
+        for t in tensors:
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     return total
 
 
@@ -75,7 +78,7 @@ def time_other(net, cfg, n: int = 20, head=None) -> list[float]:
 
     head = head or (lambda h: net.head(h)[:, -1].float())
 
-    h = torch.randn(1, 1, net.args.dim, dtype=net.tok_embeddings.weight.dtype)
+    h = torch.randn(1, 1, net.args.dim, dtype=net.dtype)
     seen = torch.zeros(1, net.args.vocab_size, dtype=torch.bool)
     tok = torch.tensor([[5]])
     out = []

@@ -30,7 +30,7 @@ class StaticKVCache:
     @classmethod
     def for_net(cls, net: Transformer, batch: int, n_slots: int) -> StaticKVCache:
         """A cache for `net` in its dtype, each layer's K/V on that layer's device."""
-        return cls(net.args, batch, n_slots, net.tok_embeddings.weight.dtype, layer_devices(net))
+        return cls(net.args, batch, n_slots, net.dtype, layer_devices(net))
 
     def advance(self, lo: int, hi: int, n: int) -> None:
         """Record that layers [lo, hi) now hold n more slots."""

@@ -174,7 +174,7 @@ def run(argv: list[str] | None = None) -> int:
     import cee_gen
 
     model = cee_gen.load_model(load.model, dtype=load.dtype, device=load.device, quantize=load.quantize,
-                               attention=load.attention, device_map=load.device_map)
+                               attention=load.attention, device_map=load.device_map, weights=load.weights)
     stream = None
     if args.stream:
         def stream(i, delta):

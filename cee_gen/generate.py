@@ -274,6 +274,8 @@ def generate(
                     "exit": ex.strategy,
                     "weights": model.weights.label,
                     "quantize": model.weights.quantized or "none",
+                    # floats (their dtype), or GGUF blocks: "gguf q4_1+q8_0", "q8_0", ... (weights/lowbit.py)
+                    "weights_format": model.weights.lowbit or str(model.dtype).removeprefix("torch."),
                     "attention": model.net.attn_impl,
                     "device_map": placement.describe(model.net),
                     "kv_fill": ex.fill if ex.strategy != "full" else None,

@@ -78,7 +78,7 @@ class ModelArgs:
 def layer_devices(net: Transformer) -> torch.device | list[torch.device]:
     """Where each layer's KV cache goes: the model's device, or per layer when it is split."""
     if net.segments is None:
-        return net.tok_embeddings.weight.device
+        return net.device
     return [d for a, b, d in net.segments for _ in range(a, b)]
 
 
@@ -147,9 +147,12 @@ class Attention(nn.Module):
         else:
             qkv = linear(x, self.wqkv)
             if fill is not None:  # compiled decode: the multiply-sum serves one column; the fill a matmul
-                w, b = self.wqkv.weight[self.q_size:], self.wqkv.bias
-                self._write_fill(F.linear(fill_x, w, None if b is None else b[self.q_size:]), fill,
-                                 step.rows, k_cache, v_cache)
+                if type(self.wqkv) is nn.Linear:  # K/V rows only
+                    w, b = self.wqkv.weight[self.q_size:], self.wqkv.bias
+                    kv = F.linear(fill_x, w, None if b is None else b[self.q_size:])
+                else:  # low-bit blocks (weights/lowbit.py): the kernel's whole product, Q rows dropped
+                    kv = linear(fill_x, self.wqkv)[..., self.q_size:]
+                self._write_fill(kv, fill, step.rows, k_cache, v_cache)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), step.cos, step.sin)
         k = apply_rope(k.view(B, T, self.n_kv_heads, self.head_dim), step.cos, step.sin)
@@ -238,6 +241,16 @@ class Transformer(nn.Module):
         self.attn_impl = "sdpa"  # or "flash" (ops/flash.py), set by the loader
         self.segments: list | None = None  # layers split across devices (placement.py); None = one device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype: the norms' (embeddings and projections may be low-bit blocks)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The home device: embeddings, final norm, LM head (and exit heads) live there."""
+        return self.norm.weight.device
+
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_embeddings(tokens)  # (B, T) -> (B, T, D)
 
@@ -271,7 +284,7 @@ class Transformer(nn.Module):
         """RoPE cos, sin (B, T, 1, hd) of cache slots (B or 1, T) in rows left-padded by pad (B,):
         a slot's position is slot - pad (padding slots clamp to position 0)."""
         pos = (slots - pad[:, None]).clamp_(0, self.rope_cos.shape[0] - 1)  # (B, T)
-        dt = self.tok_embeddings.weight.dtype
+        dt = self.dtype
         return self.rope_cos[pos].to(dt)[:, :, None, :], self.rope_sin[pos].to(dt)[:, :, None, :]
 
     def make_step(self, slots: torch.Tensor, pad: torch.Tensor, n_slots: int, kv_len: int | None = None,

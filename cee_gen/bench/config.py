@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from cee_gen.config import DTYPES, check_choices
+from cee_gen.config import DTYPES, WEIGHTS, check_choices
 from cee_gen.config import field_help as _f
 from cee_gen.errors import CeeGenError
 
@@ -60,6 +60,8 @@ class BenchConfig:
                       "agreement with full depth >= A)")
     repeats: int = _f(1, "timed runs per (setting, row); the median is kept (outputs must repeat)")
     dtype: str = _f("float32", "weights and compute dtype", choices=DTYPES)
+    weights: str = _f("fp", "weight format: fp, gguf, q8_0, q4_1, q4_0 (as cee-generate --weights)",
+                      choices=WEIGHTS)
     device: str = _f("cpu", "cpu, cuda, cuda:N or auto")
     out: str = _f("bench_results/bench.jsonl", "summary JSON lines; beside it <out>.rows.jsonl (every "
                   "output, for resume), <out>.md and <out>_<set>.png")

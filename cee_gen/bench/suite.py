@@ -48,8 +48,10 @@ IDENTITY_FIELDS = (
     "template",
     "max_prompt_tokens",
     "dtype",
+    "weights",
     "repeats",
 )
+ADDED_LATER = {"weights": "fp"}  # identity fields newer than some journals: those were made with this value
 
 
 class Journal:
@@ -73,6 +75,7 @@ class Journal:
                     f"{path} is not a cee-bench journal: pass another --out, or --fresh to start over"
                 ) from None
             if identity is not None:
+                head, identity = {**ADDED_LATER, **head}, {**ADDED_LATER, **identity}
                 diff = [k for k in IDENTITY_FIELDS if head.get(k) != identity.get(k)]
                 if diff:
                     k = diff[0]
@@ -258,7 +261,7 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         if progress:
             print(f"cee-bench: {msg}", file=sys.stderr, flush=True)
 
-    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device)
+    model = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, weights=cfg.weights)
     heads = str(Path(cfg.heads).expanduser().resolve()) if cfg.heads else shipped_heads(model)
     exit_heads(model, heads)  # loads the file once; its LoRA deltas (if any) are merged now
     identity = {
@@ -295,7 +298,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
 
     if work:
         ctx = model.args.max_position_embeddings
-        base = load_model(cfg.model, dtype=cfg.dtype, device=cfg.device) if cfg.base else None
+        base = (load_model(cfg.model, dtype=cfg.dtype, device=cfg.device, weights=cfg.weights) if cfg.base
+                else None)
         hf = hf_model(model) if cfg.hf else None
         runner = Runner(cfg, model, heads, base, hf)
         commit = git_commit()  # of the code that makes these outputs; summaries list every one

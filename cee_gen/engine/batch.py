@@ -22,7 +22,7 @@ class Batch:
                  eos_ids: list[int], on_token: Callable[[int, int], bool] | None):
         net = decoder.net
         self.net, self.n_new, self.on_token = net, n_new, on_token
-        dev = net.tok_embeddings.weight.device
+        dev = net.device
         B, T = len(prompts), max(len(p) for p in prompts)
         tokens = torch.full((B, T), pad_id, dtype=torch.long)
         for b, p in enumerate(prompts):

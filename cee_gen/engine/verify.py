@@ -327,7 +327,7 @@ class Verifier:
         for i, b in enumerate(alive):
             slots[i, :n_cols[b]] = torch.arange(self.pos[b], self.pos[b] + n_cols[b])
         slots = slots.to(dev)
-        h = torch.zeros(len(alive), Q, D, dtype=net.tok_embeddings.weight.dtype, device=dev)
+        h = torch.zeros(len(alive), Q, D, dtype=net.dtype, device=dev)
         tok_rows = [i for i, b in enumerate(alive) if plans[b].source != "exit"]
         if tok_rows:
             toks = torch.full((len(tok_rows), Q), self.pad_id, dtype=torch.long)

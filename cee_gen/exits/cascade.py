@@ -39,7 +39,7 @@ class CascadeModels:
         B, T = tokens.shape
         dev = tokens.device
         self.net, self.small, self.t, self.tm = net, small, strategy.t, timings
-        self.cache = StaticKVCache(small.args, B, n_slots, net.tok_embeddings.weight.dtype, dev)
+        self.cache = StaticKVCache(small.args, B, n_slots, net.dtype, dev)
         step = small.make_step(torch.arange(T, device=dev), pad, n_slots, kv_len=T)  # its own RoPE
         small.forward_layers(small.embed(tokens), 0, small.args.n_layers, step, self.cache)
         self.seq = torch.full((B, n_slots), pad_id, dtype=torch.long, device=dev)  # token ids by slot

@@ -128,15 +128,14 @@ class ExitHeads(nn.Module):
         self.meta = dict(meta or {})
         self._net = [net]  # not a submodule: the base model's weights are not ours to save
         D = net.args.dim
-        w = net.tok_embeddings.weight
         self.adapters = nn.ModuleDict(
             {str(x): Adapter(D, adapter_rank) for x in self.layers} if adapter_rank else {})
         self.policies = nn.ModuleDict(
             {str(x): Policy(D, policy, policy_hidden, policy_init_p) for x in self.layers} if policy else {})
         self.lora = lora  # backbone deltas; part of the file, merged into the net at load time
-        self.to(device=w.device, dtype=w.dtype)
+        self.to(device=net.device, dtype=net.dtype)
         if lora is not None:
-            lora.to(device=w.device, dtype=torch.float32)
+            lora.to(device=net.device, dtype=torch.float32)
 
     @classmethod
     def logit_lens(cls, net: Transformer) -> ExitHeads:
@@ -284,8 +283,7 @@ def load_heads(path: str | Path, model: Model, merge: bool = True) -> ExitHeads:
         if t.shape != want[k].shape:
             raise HeadsFileError(f"heads file {path}: tensor {k!r} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(want[k].shape)}: make it again")
-    w = net.tok_embeddings.weight
-    heads.load_state_dict({k: t.to(device=w.device, dtype=torch.float32 if k.startswith("lora.") else w.dtype)
+    heads.load_state_dict({k: t.to(device=net.device, dtype=torch.float32 if k.startswith("lora.") else net.dtype)
                            for k, t in tensors.items()})
     if lora is not None and merged is None and merge:
         if prov.quantized:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cee_gen.errors import CeeGenError
+from cee_gen.model import linear
 
 PROMPTS = [
     "Give three tips for staying healthy.", "What is the capital of France?",
@@ -69,7 +70,7 @@ def collect(model, layers: list[int], n_prompts: int, new_tokens: int):
         for x in layers:
             z = net.norm(states[x])
             feats[x].append(z.float().cpu())
-            correct[x].append((F.linear(z, net.output.weight).argmax(-1) == target).cpu())
+            correct[x].append((linear(z, net.output).argmax(-1) == target).cpu())
     X = {x: torch.cat(feats[x]) for x in layers}
     ok = torch.stack([torch.cat(correct[x]) for x in layers])  # (n_layers, N)
     # safe at l: l and every deeper candidate agree with the full model (suffix AND over layers)

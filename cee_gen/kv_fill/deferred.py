@@ -32,8 +32,7 @@ class DeferredFill:
 
     def __init__(self, net: Transformer, batch: int, n_slots: int, pad: torch.Tensor):
         self.net, self.pad, self.scratch = net, pad, n_slots - 1
-        w = net.tok_embeddings.weight
-        self.states = torch.zeros(batch, n_slots, net.args.dim, dtype=w.dtype, device=w.device)
+        self.states = torch.zeros(batch, n_slots, net.args.dim, dtype=net.dtype, device=net.device)
         self.entries: list[dict[int, int]] = [{} for _ in range(batch)]  # per row: {slot: f}
         self.fs: list[int] = []
         self._memo: dict = {}

@@ -34,9 +34,9 @@ class KVFiller:
         a = net.args
         self.net, self.kv = net, a.n_kv_heads * a.head_dim
         q = a.n_heads * a.head_dim
-        dt = net.tok_embeddings.weight.dtype
+        dt = net.dtype
         # one stack per run of layers on one device (placement.py); one run when the model is not split
-        self.segments = net.segments or [(0, a.n_layers, net.tok_embeddings.weight.device)]
+        self.segments = net.segments or [(0, a.n_layers, net.device)]
         self.w_raw, self.w_folded, self.bias = [], [], []
         for lo, hi, _ in self.segments:
             blocks = net.layers[lo:hi]

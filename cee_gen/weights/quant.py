@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from cee_gen.errors import CeeGenError
+from cee_gen.weights.lowbit import QuantLinear
 
 _PROJECTIONS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w13"), ("feed_forward", "w2"))
 
@@ -57,7 +58,7 @@ def quantize_(net, mode: str) -> None:
     """Replace the layers' projections of `net` (in place) by `mode` ("8bit" or "4bit", validated by
     LoadConfig) bitsandbytes modules."""
     bnb = _bnb()
-    dt, dev = net.tok_embeddings.weight.dtype, net.tok_embeddings.weight.device
+    dt, dev = net.dtype, net.device
     for blk in net.layers:
         for part, name in _PROJECTIONS:
             parent = getattr(blk, part)
@@ -65,9 +66,12 @@ def quantize_(net, mode: str) -> None:
 
 
 def dense_weight(mod: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    """The (out, in) weight of a projection in `dtype`, dequantized when it is a bitsandbytes module."""
+    """The (out, in) weight of a projection in `dtype`, dequantized when it is a bitsandbytes module
+    or GGUF blocks (weights/lowbit.py)."""
     if type(mod) is nn.Linear:
         return mod.weight.to(dtype)
+    if isinstance(mod, QuantLinear):
+        return mod.dense(dtype)
     bnb = _bnb()
     w = mod.weight
     if isinstance(mod, bnb.nn.Linear4bit):

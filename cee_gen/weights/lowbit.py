@@ -1,0 +1,266 @@
+"""Low-bit weights on the CPU: the decoder's projections and the tied head in GGUF block formats.
+
+`load_model(weights=...)` / `--weights`:
+- `fp`: the checkpoint's weights as floats (a GGUF is dequantized once into the cache; the default);
+- `gguf`: a GGUF's own blocks, read straight from the file, never through fp32. For the default model
+  that is its Q4_1 layers and Q8_0 embedding/head: exactly the weights `fp` dequantizes from it, at a
+  fifth of the bytes per token;
+- `q8_0`, `q4_1`, `q4_0`: round-to-nearest quantization (ops/lowbit.py) of whatever was loaded.
+
+`QuantLinear` holds one projection's blocks (ops/lowbit.QuantWeight) and computes through the CPU
+kernel (ops/cpu.linear_q) for up to SMALL_M rows; past that (long prefills) it dequantizes a chunk of
+rows at a time and lets MKL multiply, so no fp32 copy of a whole matrix exists at any time.
+`QuantEmbedding` looks up and dequantizes the rows of the tokens asked for; a tied head shares its
+blocks. Norms, biases, RoPE tables and the KV cache stay fp32.
+
+LoRA deltas of a heads file cannot be added into blocks; a QuantLinear keeps them as low-rank terms
+applied beside the kernel (`add_lowrank`), and `dense()` (the KV fill's copy of K/V weights) includes
+them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cee_gen.errors import CeeGenError, ModelLoadError, one_line
+from cee_gen.ops import cpu
+from cee_gen.ops.lowbit import FORMATS, QuantWeight, dequantize, format_name, from_gguf_blocks, quantize
+
+SMALL_M = 64  # rows up to which the kernel serves; more: chunked dequantize + MKL (bench_lowbit.py)
+DENSE_CHUNK = 4096  # weight rows dequantized at once past SMALL_M: 9 MB at K = 576
+_PROJECTIONS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w13"), ("feed_forward", "w2"))
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T + bias with W (N, K) in a GGUF block format; x fp32 (..., K)."""
+
+    def __init__(self, qw: QuantWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.fmt, self.out_features, self.in_features = qw.fmt, qw.N, qw.K
+        self.register_buffer("qs", qw.qs)
+        self.register_buffer("d", qw.d)
+        self.register_buffer("m", qw.m)
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.lowrank: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (first row, A (r, K), sB (n, r))
+
+    @property
+    def qweight(self) -> QuantWeight:
+        return QuantWeight(self.fmt, self.out_features, self.in_features, self.qs, self.d, self.m)
+
+    def add_lowrank(self, r0: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+        """Add scale * B @ A (n, K) to rows r0..r0+n of W, kept as its factors (a merged LoRA delta)."""
+        self.lowrank.append((r0, A.float().contiguous(), (scale * B.float()).contiguous()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() <= SMALL_M * self.in_features:
+            y = cpu.linear_q(x, self.qweight, self.bias)  # (..., N)
+        else:
+            y = torch.cat([F.linear(x, w, b) for w, b in self._dense_chunks()], -1)
+        for r0, A, sB in self.lowrank:
+            y[..., r0:r0 + sB.shape[0]] += (x @ A.T) @ sB.T
+        return y
+
+    def _dense_chunks(self):
+        for r in range(0, self.out_features, DENSE_CHUNK):
+            s = slice(r, r + DENSE_CHUNK)
+            qw = QuantWeight(self.fmt, self.qs[s].shape[0], self.in_features, self.qs[s], self.d[s],
+                             None if self.m is None else self.m[s])
+            yield dequantize(qw), None if self.bias is None else self.bias[s]
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, K) weights as floats, LoRA terms included: a copy, for callers that need one."""
+        w = dequantize(self.qweight)
+        for r0, A, sB in self.lowrank:
+            w[r0:r0 + sB.shape[0]] += sB @ A
+        return w.to(dtype)
+
+    def probe_values(self, flat: torch.Tensor) -> torch.Tensor:
+        """The weights at flat indices (into the (N, K) matrix), dequantizing only their rows."""
+        rows, cols = flat // self.in_features, flat % self.in_features
+        uniq, inv = torch.unique(rows, return_inverse=True)
+        qw = QuantWeight(self.fmt, len(uniq), self.in_features, self.qs[uniq], self.d[uniq],
+                         None if self.m is None else self.m[uniq])
+        return dequantize(qw)[inv, cols]
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.fmt}, bias={self.bias is not None}"
+
+
+class QuantEmbedding(nn.Module):
+    """Token embeddings in a block format: the rows asked for, dequantized. Shares a tied head's blocks."""
+
+    def __init__(self, head: QuantLinear):
+        super().__init__()
+        self.fmt, self.num_embeddings, self.embedding_dim = head.fmt, head.out_features, head.in_features
+        self.register_buffer("qs", head.qs)
+        self.register_buffer("d", head.d)
+        self.register_buffer("m", head.m)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        flat = tokens.reshape(-1)
+        qw = QuantWeight(self.fmt, flat.numel(), self.embedding_dim, self.qs[flat], self.d[flat],
+                         None if self.m is None else self.m[flat])
+        return dequantize(qw).reshape(*tokens.shape, self.embedding_dim)  # (..., D)
+
+    probe_values = QuantLinear.probe_values
+
+    @property
+    def in_features(self) -> int:
+        return self.embedding_dim
+
+
+def is_lowbit(mod: nn.Module) -> bool:
+    return isinstance(mod, (QuantLinear, QuantEmbedding))
+
+
+def describe(net) -> str | None:
+    """'q4_1+q8_0' style: the formats a network's projections and head carry, or None for floats."""
+    fmts = sorted({m.fmt for m in net.modules() if isinstance(m, QuantLinear)})
+    return "+".join(fmts) or None
+
+
+def check_target(weights: str, dtype: torch.dtype, device: torch.device) -> None:
+    """The device and dtype low-bit weights run with, refused with a one-line reason otherwise."""
+    if weights == "fp":
+        return
+    if device.type != "cpu":
+        raise CeeGenError(f"weights {weights} runs on the CPU (its kernels are CPU kernels): use device cpu, "
+                          "or weights fp on the GPU")
+    if dtype != torch.float32:
+        raise CeeGenError(f"weights {weights} computes in float32 (activations and KV cache): use dtype "
+                          "float32 or auto")
+
+
+def quantize_net_(net, fmt: str) -> None:
+    """Replace the layers' projections and the LM head (a tied embedding with it) by RTN `fmt` blocks."""
+    fmt = format_name(fmt)
+    for i, blk in enumerate(net.layers):
+        for part, name in _PROJECTIONS:
+            parent = getattr(blk, part)
+            lin = getattr(parent, name)
+            qw = _quantize_named(lin.weight, fmt, f"layers.{i}.{part}.{name}.weight")
+            setattr(parent, name, QuantLinear(qw, lin.bias))
+    tied = net.output.weight is net.tok_embeddings.weight
+    net.output = QuantLinear(_quantize_named(net.output.weight, fmt, "output.weight"))
+    if tied:
+        net.tok_embeddings = QuantEmbedding(net.output)
+
+
+def _quantize_named(w: torch.Tensor, fmt: str, name: str) -> QuantWeight:
+    if w.shape[-1] % 32:
+        raise CeeGenError(f"cannot quantize {name} {tuple(w.shape)} to {fmt}: its rows of {w.shape[-1]} "
+                          "weights do not split into blocks of 32; use weights fp for this model")
+    return quantize(w, fmt)
+
+
+# ---- reading a GGUF's own blocks ----
+
+_GGUF_NAMES = {  # ours (per layer) <- GGUF's, in the order they are fused
+    ("attention", "wqkv"): ("attn_q", "attn_k", "attn_v"),
+    ("attention", "wo"): ("attn_output",),
+    ("feed_forward", "w13"): ("ffn_gate", "ffn_up"),
+    ("feed_forward", "w2"): ("ffn_down",),
+}
+
+
+def _rope_rows(n_rows: int, n_head: int) -> torch.Tensor:
+    """The row order that undoes llama.cpp's Q/K permutation for rotary halves (convert_hf_to_gguf's
+    `permute`; transformers' GGUF loader undoes it the same way): a gather of whole rows, so blocks
+    (which lie along K) move intact."""
+    return torch.arange(n_rows).reshape(n_head, n_rows // n_head // 2, 2).swapaxes(1, 2).reshape(-1)
+
+
+def _gather_rows(qw: QuantWeight, idx: torch.Tensor) -> QuantWeight:
+    return QuantWeight(qw.fmt, qw.N, qw.K, qw.qs[idx].contiguous(), qw.d[idx].contiguous(),
+                       None if qw.m is None else qw.m[idx].contiguous())
+
+
+def _cat_rows(parts: list[QuantWeight]) -> QuantWeight:
+    if len({p.fmt for p in parts}) != 1:  # a mixed fusion: requantizing would change the weights
+        raise ModelLoadError(f"this GGUF stores one layer's projections in different block types "
+                             f"({', '.join(p.fmt for p in parts)}), which cee-gen fuses into one matrix: "
+                             "use weights fp for this file")
+    if len(parts) == 1:
+        return parts[0]
+    m = None if parts[0].m is None else torch.cat([p.m for p in parts])
+    return QuantWeight(parts[0].fmt, sum(p.N for p in parts), parts[0].K, torch.cat([p.qs for p in parts]),
+                       torch.cat([p.d for p in parts]), m)
+
+
+def read_gguf(path: Path) -> dict:
+    """name -> QuantWeight (block tensors) or fp32 tensor (F32/F16 ones) of a GGUF file."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    try:
+        reader = GGUFReader(str(path), "r")
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF {path} ({one_line(e)}): the file is damaged") from None
+    out = {}
+    for t in reader.tensors:
+        kind = t.tensor_type
+        if kind in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
+            out[t.name] = torch.from_numpy(t.data.astype("float32")).reshape(*reversed(t.shape.tolist()))
+            continue
+        try:
+            out[t.name] = from_gguf_blocks(t.data, kind, t.name)
+        except CeeGenError as e:
+            raise ModelLoadError(f"GGUF {path.name}, tensor {t.name}: {e}; or use weights fp (dequantized "
+                                 "once by transformers)") from None
+    return out
+
+
+def build_from_gguf(net, path: Path) -> None:
+    """Fill a meta-device `net` (ours, built from the GGUF's config) with the GGUF's own blocks."""
+    a = net.args
+    t = read_gguf(path)
+
+    def take(name: str):
+        if name not in t:
+            raise ModelLoadError(f"GGUF {path.name} has no tensor {name!r}: it is not a LLaMA-family "
+                                 "model file cee-gen can read in its blocks; use weights fp")
+        return t.pop(name)
+
+    def linear(parts: list, bias=None) -> nn.Module:
+        if all(isinstance(p, QuantWeight) for p in parts):
+            return QuantLinear(_cat_rows(parts), bias)
+        if any(isinstance(p, QuantWeight) for p in parts):
+            raise ModelLoadError(f"GGUF {path.name} mixes float and block tensors in one layer: use weights fp")
+        lin = nn.Linear(parts[0].shape[1], sum(p.shape[0] for p in parts), bias=bias is not None)
+        lin.weight = nn.Parameter(torch.cat(parts), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias, requires_grad=False)
+        return lin
+
+    unpermute = {"attn_q": a.n_heads, "attn_k": a.n_kv_heads}
+    for i, blk in enumerate(net.layers):
+        for (part, name), names in _GGUF_NAMES.items():
+            ws = []
+            for g in names:
+                w = take(f"blk.{i}.{g}.weight")
+                if g in unpermute:
+                    idx = _rope_rows(w.shape[0], unpermute[g])
+                    w = _gather_rows(w, idx) if isinstance(w, QuantWeight) else w[idx]
+                ws.append(w)
+            bias = [t.pop(f"blk.{i}.{g}.bias", None) for g in names]
+            b = None if any(x is None for x in bias) else torch.cat(bias)
+            setattr(getattr(blk, part), name, linear(ws, b))
+        blk.attention_norm.weight = nn.Parameter(take(f"blk.{i}.attn_norm.weight"), requires_grad=False)
+        blk.ffn_norm.weight = nn.Parameter(take(f"blk.{i}.ffn_norm.weight"), requires_grad=False)
+    net.norm.weight = nn.Parameter(take("output_norm.weight"), requires_grad=False)
+    emb = take("token_embd.weight")
+    head = t.pop("output.weight", None)
+    if head is None:  # tied: the head is the embedding
+        net.output = linear([emb])
+        if isinstance(emb, QuantWeight):
+            net.tok_embeddings = QuantEmbedding(net.output)
+        else:
+            net.tok_embeddings = nn.Embedding.from_pretrained(emb, freeze=True)
+            net.output.weight = net.tok_embeddings.weight
+    else:
+        net.output = linear([head])
+        net.tok_embeddings = (nn.Embedding.from_pretrained(emb, freeze=True) if not isinstance(emb, QuantWeight)
+                              else QuantEmbedding(QuantLinear(emb)))
