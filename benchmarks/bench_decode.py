@@ -61,8 +61,8 @@ def weight_bytes_per_token(net) -> int:
     for name, mod in net.named_modules():
         if name == "tok_embeddings":
             continue
-        tensors = [*mod.parameters(recurse=False),
-                   *(b for n, b in mod.named_buffers(recurse=False) if n in ("qs", "d", "m") and b is not None)]
+        blocks = [b for n, b in mod.named_buffers(recurse=False) if n in ("qs", "d", "m") and b is not None]
+        tensors = [*mod.parameters(recurse=False), *blocks]
         for t in tensors:
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -96,7 +95,8 @@ def memory(gguf: Path, common: dict) -> list[dict]:
     for name, argv in runs:
         mb = peak_rss_mb(argv)
         print(f"{name}: peak RSS {mb:.0f} MB", file=sys.stderr)
-        recs.append({**common, "kind": "memory", "engine": name, "peak_rss_mb": round(mb, 1), "new_tokens": 16})
+        recs.append({**common, "kind": "memory", "engine": name, "peak_rss_mb": round(mb, 1),
+                     "new_tokens": 16})
     return recs
 
 
@@ -185,14 +185,16 @@ def decode(args, gguf, common, cee_gen, Decoder, encode_prompt) -> list[dict]:
             med = statistics.median(times[(e, p_i)])
             wbytes = weight_bytes_per_token(nets[e])
             rec = {**common, "kind": "decode", "engine": e, "prompt_index": p_i, "prompt_tokens": len(ids),
-                   "new_tokens": n, "median_s": round(med, 4), "all_s": [round(t, 4) for t in times[(e, p_i)]],
+                   "new_tokens": n, "median_s": round(med, 4),
+                   "all_s": [round(t, 4) for t in times[(e, p_i)]],
                    "tok_s": round(n / med, 2), "weight_bytes_per_token": wbytes,
                    "achieved_weight_gbs": round(wbytes * n / med / 1e9, 2),
                    "roofline_tok_s": round(bw * 1e9 / wbytes, 1), "compile_s": round(compile_s[e], 1)}
             if base is not None:
                 ref = tokens[("ours-fp", p_i)]
                 rec["speedup_vs_ours_fp"] = round(base / med, 3)
-                rec["token_agreement_vs_ours_fp"] = sum(a == b for a, b in zip(ref, tokens[(e, p_i)])) / len(ref)
+                same = sum(a == b for a, b in zip(ref, tokens[(e, p_i)]))
+                rec["token_agreement_vs_ours_fp"] = same / len(ref)
             records.append(rec)
             print(f"{e:>10} prompt {len(ids):>4} tok: {rec['tok_s']:7.1f} tok/s (roofline "
                   f"{rec['roofline_tok_s']}), x{rec.get('speedup_vs_ours_fp', float('nan')):.2f} vs ours fp, "

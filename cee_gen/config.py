@@ -60,9 +60,10 @@ class LoadConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     quantize: str = _f("none", "weights of the decoder layers through bitsandbytes: none, 8bit (LLM.int8) "
                        "or 4bit (NF4)", choices=QUANTIZE)
-    weights: str = _f("fp", "weight format on the CPU: fp (floats; a GGUF dequantized once), gguf (a GGUF's own "
-                      "blocks, e.g. the default model's Q4_1 layers and Q8_0 head: the same weights, 5x fewer "
-                      "bytes), or q8_0, q4_1, q4_0 (quantize what was loaded, round to nearest)",
+    weights: str = _f("fp", "weight format on the CPU: fp (floats; a GGUF dequantized once), gguf (a "
+                      "GGUF's own blocks, e.g. the default model's Q4_1 layers and Q8_0 head: the same "
+                      "weights, 5x fewer bytes), or q8_0, q4_1, q4_0 (quantize what was loaded, round to "
+                      "nearest)",
                       choices=WEIGHTS)
     attention: str = _f("auto", "attention kernel: auto (flash-attn when it can serve: CUDA, fp16/bf16, "
                         "flash-attn >= 2.6 installed; else SDPA), sdpa, or flash (an error when it cannot)",
@@ -75,12 +76,12 @@ class LoadConfig:
     def validate(self) -> LoadConfig:
         check_choices(self)
         if self.weights != "fp" and self.quantize != "none":
-            raise CeeGenError(f"weights {self.weights} and quantize {self.quantize} are two quantizations of the "
-                              f"same layers: pick one (weights: GGUF blocks on the CPU; quantize: bitsandbytes, "
-                              "for the GPU)")
+            raise CeeGenError(f"weights {self.weights} and quantize {self.quantize} are two quantizations of "
+                              "the same layers: pick one (weights: GGUF blocks on the CPU; quantize: "
+                              "bitsandbytes, for the GPU)")
         if self.device_map is not None and self.weights != "fp":
-            raise CeeGenError(f"weights {self.weights} with a device map is not supported: low-bit weights run on "
-                              "one CPU (drop --device-map)")
+            raise CeeGenError(f"weights {self.weights} with a device map is not supported: low-bit weights "
+                              "run on one CPU (drop --device-map)")
         if self.device_map is not None and self.quantize != "none":
             raise CeeGenError("quantize with a device map is not supported: quantize to fit one GPU "
                               "(drop --device-map), or split the full-precision model (drop --quantize)")

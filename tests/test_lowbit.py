@@ -8,8 +8,15 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, all_strategies, full_logits, ids, make_random_policy_file, make_tiny_checkpoint, \
-    run_cli
+from conftest import (
+    PROMPTS,
+    all_strategies,
+    full_logits,
+    ids,
+    make_random_policy_file,
+    make_tiny_checkpoint,
+    run_cli,
+)
 
 import cee_gen
 from cee_gen import ExitConfig
@@ -35,7 +42,8 @@ def _lowbit_and_dense(ckpt: str, fmt: str):
             qm = getattr(getattr(qb, part), name)
             assert isinstance(qm, lowbit.QuantLinear) and qm.fmt == fmt
             getattr(getattr(db, part), name).weight.copy_(dense_weight(qm, torch.float32))
-    assert isinstance(q.net.output, lowbit.QuantLinear) and isinstance(q.net.tok_embeddings, lowbit.QuantEmbedding)
+    assert isinstance(q.net.output, lowbit.QuantLinear)
+    assert isinstance(q.net.tok_embeddings, lowbit.QuantEmbedding)
     d.net.tok_embeddings.weight.copy_(q.net.output.dense())  # tied: the head is the embedding
     return q, d
 
@@ -137,9 +145,8 @@ def test_bad_combinations_are_one_line_errors(ckpt):
 
 
 def test_quantizing_a_model_whose_rows_do_not_split_into_blocks_names_the_tensor(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from conftest import make_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=1,
@@ -183,7 +190,8 @@ def test_default_gguf_blocks_are_exactly_the_fp32_weights(gguf_model, default_mo
 
 @pytest.mark.default_model
 def test_default_gguf_greedy_tokens_equal_the_fp32_engine(gguf_model, default_model):
-    prompts = ["Give three tips for staying healthy.", "Describe Paris, the capital of France, in a paragraph.",
+    prompts = ["Give three tips for staying healthy.",
+               "Describe Paris, the capital of France, in a paragraph.",
                "Write a haiku about the sea.", "Explain photosynthesis to a child.",
                "List five prime numbers and say why each is prime."]
     ref = cee_gen.generate(default_model, prompts, max_new_tokens=64, batch_size=5)

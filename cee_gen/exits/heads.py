@@ -283,7 +283,8 @@ def load_heads(path: str | Path, model: Model, merge: bool = True) -> ExitHeads:
         if t.shape != want[k].shape:
             raise HeadsFileError(f"heads file {path}: tensor {k!r} has shape {tuple(t.shape)}, expected "
                                  f"{tuple(want[k].shape)}: make it again")
-    heads.load_state_dict({k: t.to(device=net.device, dtype=torch.float32 if k.startswith("lora.") else net.dtype)
+    heads.load_state_dict({k: t.to(device=net.device,
+                                   dtype=torch.float32 if k.startswith("lora.") else net.dtype)
                            for k, t in tensors.items()})
     if lora is not None and merged is None and merge:
         if prov.quantized:

@@ -112,7 +112,8 @@ def resolve_gguf(name_or_path: str | None) -> Path:
     p = Path(name_or_path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
         return p
-    raise ModelLoadError(f"weights gguf reads a GGUF file's own blocks, and {name_or_path} is not a .gguf file: "
+    raise ModelLoadError(f"weights gguf reads a GGUF file's own blocks, and {name_or_path} is not a .gguf "
+                         "file: "
                          "pass a .gguf model, or quantize this checkpoint with weights q8_0, q4_1 or q4_0")
 
 

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.ops import cpu
-from cee_gen.ops.lowbit import FORMATS, QuantWeight, dequantize, format_name, from_gguf_blocks, quantize
+from cee_gen.ops.lowbit import QuantWeight, dequantize, format_name, from_gguf_blocks, quantize
 
 SMALL_M = 64  # rows up to which the kernel serves; more: chunked dequantize + MKL (bench_lowbit.py)
 DENSE_CHUNK = 4096  # weight rows dequantized at once past SMALL_M: 9 MB at K = 576
@@ -228,7 +228,8 @@ def build_from_gguf(net, path: Path) -> None:
         if all(isinstance(p, QuantWeight) for p in parts):
             return QuantLinear(_cat_rows(parts), bias)
         if any(isinstance(p, QuantWeight) for p in parts):
-            raise ModelLoadError(f"GGUF {path.name} mixes float and block tensors in one layer: use weights fp")
+            raise ModelLoadError(f"GGUF {path.name} mixes float and block tensors in one layer: use "
+                                 "weights fp")
         lin = nn.Linear(parts[0].shape[1], sum(p.shape[0] for p in parts), bias=bias is not None)
         lin.weight = nn.Parameter(torch.cat(parts), requires_grad=False)
         if bias is not None:
@@ -262,5 +263,5 @@ def build_from_gguf(net, path: Path) -> None:
             net.output.weight = net.tok_embeddings.weight
     else:
         net.output = linear([head])
-        net.tok_embeddings = (nn.Embedding.from_pretrained(emb, freeze=True) if not isinstance(emb, QuantWeight)
-                              else QuantEmbedding(QuantLinear(emb)))
+        net.tok_embeddings = (QuantEmbedding(QuantLinear(emb)) if isinstance(emb, QuantWeight)
+                              else nn.Embedding.from_pretrained(emb, freeze=True))
