@@ -19,6 +19,7 @@ from cee_gen.config import LoadConfig
 from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
 from cee_gen.ops import flash
+from cee_gen.ops.lowbit import FORMATS
 from cee_gen.weights import lowbit, placement
 from cee_gen.weights.provenance import Provenance
 from cee_gen.weights.quant import quantize_
@@ -280,7 +281,7 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
         prov.changing(net)  # heads files keep matching the full-precision weights
         quantize_(net, quantize)
         prov.quantized = quantize
-    if weights in lowbit.FORMATS:
+    if weights in FORMATS:
         prov.changing(net)
         lowbit.quantize_net_(net, weights)
         prov.lowbit = weights
