@@ -65,8 +65,11 @@ def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
                                help=help_ + " (repeatable)")
         else:
             kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
+            # a field a preset sets (BenchConfig) says what each preset gives, not "None"
+            shown = cls.preset_default(f.name) if default is None and hasattr(cls, "preset_default") else None
             group.add_argument(flag, dest=f.name, type=_TYPES[f.type], default=default,
-                               help=help_ if "default" in help_ else f"{help_} (default: {default})", **kw)
+                               help=help_ if "default" in help_ else f"{help_} (default: {shown or default})",
+                               **kw)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -158,6 +161,9 @@ def _write_atomic(path: Path, lines: list[str]) -> None:
 
 def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stop is not None and not all(args.stop):
+        raise CeeGenError("--stop needs some text to stop at, e.g. --stop '###' (an empty one would stop "
+                          "at once): drop the empty --stop")
     load = config_from(args, LoadConfig).validate()
     gen = config_from(args, GenerationConfig).validate()  # bad numbers fail before the model loads
     ex = config_from(args, ExitConfig).validate()
@@ -193,7 +199,8 @@ def run(argv: list[str] | None = None) -> int:
         records.append(json.dumps(rec, ensure_ascii=False))
     if args.output is not None:
         _write_atomic(args.output, records)
-        print(f"cee-generate: wrote {len(records)} results to {args.output}", file=sys.stderr)
+        n = len(records)
+        print(f"cee-generate: wrote {n} result{'s' if n != 1 else ''} to {args.output}", file=sys.stderr)
     elif args.json:
         print("\n".join(records))
     else:
@@ -278,21 +285,36 @@ def _show_sources(pieces: list[str], sources: list[str], v: dict, colour: bool) 
     return body, "\n".join(lines)
 
 
-def exit_with(prog: str, body) -> None:
-    """Run body() -> exit status; a CeeGenError prints one line and exits 2, Ctrl-C exits 130."""
+def exit_with(prog: str, body, process: bool = False) -> None:
+    """Run body() -> exit status; a CeeGenError prints one line and exits 2, Ctrl-C exits 130.
+
+    Output is flushed inside the guarded part. With `process` (the console script, not a call from
+    Python), a Ctrl-C after that (while Python shuts down: unloading torch takes a moment) ends the
+    process at once with status 130, instead of printing "Exception ignored ... KeyboardInterrupt",
+    and a reader that closed the pipe early (`| head`) ends it quietly."""
     try:
         code = body()
+        sys.stdout.flush()
     except CeeGenError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         code = 130
+    except BrokenPipeError:
+        if not process:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        code = 0
+    if process:
+        import signal
+
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
     sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> None:
-    exit_with("cee-generate", lambda: run(argv))
+    exit_with("cee-generate", lambda: run(argv), process=argv is None)
 
 
 if __name__ == "__main__":

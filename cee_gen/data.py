@@ -2,7 +2,7 @@
 
 Sources, in order: `data_dir` (argument), `$CEE_GEN_DATA` (a folder of gzip JSON Lines, laid out as
 docs/benchmarks.md, "Data", describes), else the same sets by name from the hub through HF `datasets`
-(`pip install datasets`). Each row becomes an `Example` with a stable string id.
+(`pip install -e '.[data]'`). Each row becomes an `Example` with a stable string id.
 
 Splits (fixed, documented, the same everywhere): a row's split is decided by sha256("<set>:<id>")
 mod 100: 0-79 train, 80-89 dev, 90-99 test. Training reads only train, tuning only dev, and reported
@@ -110,8 +110,9 @@ def _from_hub(name: str, spec: DatasetSpec) -> list[Example]:
     try:
         import datasets
     except ImportError:
-        raise CeeGenError(f"dataset {name!r}: no local data folder (--data-dir / CEE_GEN_DATA) and HF "
-                          "`datasets` is not installed (pip install datasets)") from None
+        raise CeeGenError(f"dataset {name!r}: no local data folder and HF `datasets` is not installed: "
+                          "pip install -e '.[data]' to read it from the hub, or pass --data-dir DIR (or set "
+                          f"CEE_GEN_DATA) holding {spec.file} (layout: docs/benchmarks.md, Data)") from None
     try:
         ds = datasets.load_dataset(*spec.hub, split=spec.hub_split)
     except Exception as e:

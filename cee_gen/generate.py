@@ -47,8 +47,9 @@ def encode_prompt(model: Model, prompt: str, chat: bool | None) -> list[int]:
                               "the prompt as plain text")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}],
                                        add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return tok(prompt)["input_ids"]
+        return tok(text, add_special_tokens=False, verbose=False)["input_ids"]
+    # verbose=False: no "Token indices sequence length is longer..." warning; generate() says it itself
+    return tok(prompt, verbose=False)["input_ids"]
 
 
 def _decoder(model: Model, compile: bool, mode: str = "default") -> Decoder:

@@ -4,7 +4,6 @@ process whose resident memory stays flat."""
 
 import contextlib
 import io
-import resource
 import string
 
 import pytest
@@ -13,7 +12,6 @@ from hypothesis import strategies as st
 
 import cee_gen
 from cee_gen import CeeGenError, ExitConfig
-from cee_gen.config import GenerationConfig
 
 pytestmark = pytest.mark.slow  # ~1,000 generations each
 
@@ -143,29 +141,10 @@ def test_random_api_arguments_end_in_a_result_or_cee_gen_error(model4, exit_kw, 
 
 
 def test_a_thousand_generations_keep_resident_memory_flat(model4, policy_file):
-    """Strategies, verify mode and batch sizes in turn, 1,000 generate() calls: the resident set may
-    grow while the first rounds warm up, not after."""
-    exits = [ExitConfig(), ExitConfig(strategy="static", exit_layer=2),
-             ExitConfig(strategy="policy", heads=policy_file, threshold=0.5),
-             ExitConfig(strategy="confidence", threshold=0.5, kv_fill="copy-kv"),
-             ExitConfig(strategy="entropy", threshold=0.5, kv_fill="recompute"),
-             ExitConfig(strategy="cascade", exit_layer=2, threshold=0.5),
-             ExitConfig(verify=True, draft="ngram"),
-             ExitConfig(strategy="confidence", threshold=0.5, verify=True, draft="auto")]
-    prompts = ["the quick brown fox", "a b a b a b", "hello there", "one two three four"]
+    """Strategies, verify mode and batch sizes in turn, 1,000 generate() calls (cee_gen.bench.soak, which
+    benchmarks/results/soak_cpu.jsonl runs on the default model): the resident set may grow while the
+    first rounds warm up, not after."""
+    from cee_gen.bench.soak import soak
 
-    def rss_mb():
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak so far, Linux: KiB
-
-    def round_(i):
-        ex = exits[i % len(exits)]
-        n = 1 + i % 4
-        cfg = GenerationConfig(max_new_tokens=4, batch_size=n, do_sample=i % 3 == 0, seed=i)
-        return cee_gen.generate(model4, prompts[:n], config=cfg, exit=ex)
-
-    for i in range(100):
-        round_(i)
-    warm = rss_mb()
-    for i in range(100, 1000):
-        assert len(round_(i)) == 1 + i % 4
-    assert rss_mb() - warm < 64, (warm, rss_mb())
+    rec = soak(model4, policy_file, rounds=1000, warm=100)
+    assert rec["growth_mb"] < 32, rec

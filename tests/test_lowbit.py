@@ -49,7 +49,8 @@ def _lowbit_and_dense(ckpt: str, fmt: str):
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_lowbit_model_computes_with_its_dequantized_weights(ckpt, fmt):
+def test_lowbit_model_computes_with_its_dequantized_weights(ckpt, fmt, monkeypatch):
+    monkeypatch.setattr(lowbit, "SMALL_M", 64)  # so that 2 x 70 rows take the chunked-dequantize path
     q, d = _lowbit_and_dense(ckpt, fmt)
     full = cee_gen.load_model(ckpt, device="cpu")
     tokens = torch.randint(0, q.args.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))

@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
         run(cfg)
         return 0
 
-    exit_with("cee-bench", body)
+    exit_with("cee-bench", body, process=argv is None)
 
 
 if __name__ == "__main__":

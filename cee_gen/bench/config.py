@@ -33,6 +33,15 @@ class BenchConfig:
     (cee_gen/bench/suite.py). Every field is a flag (`dev_limit` -> `--dev-limit`); fields left at
     None take the preset's value."""
 
+    @staticmethod
+    def preset_default(name: str) -> str | None:
+        """What each preset gives a field, for --help: "10 with --preset cpu, 100 authors, 2 quick"."""
+        vals = [(p, v[name]) for p, v in BENCH_PRESETS.items() if name in v]
+        if not vals:
+            return None
+        (p0, v0), rest = vals[0], vals[1:]
+        return f"{v0} with --preset {p0}, " + ", ".join(f"{v} {p}" for p, v in rest)
+
     model: str | None = _f(None, "checkpoint folder, .gguf or hub id (default: the embedded SmolLM2)")
     heads: str | None = _f(None, "exit-heads file every strategy uses (default: the heads shipped for "
                            "the default model)")

@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> None:
         train(cfg)
         return 0
 
-    exit_with("cee-train", body)
+    exit_with("cee-train", body, process=argv is None)
 
 
 if __name__ == "__main__":

