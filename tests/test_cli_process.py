@@ -89,7 +89,8 @@ def test_bench_without_data_says_how_to_get_it(tmp_path):
     """No data folder, and (in this environment) either no `datasets` or no hub: the one line names the
     extra to install or the folder to pass."""
     r = cli(["--preset", "quick", "--datasets", "alpaca", "--out", "q.jsonl", "--no-hf"], tmp_path,
-            env={"CEE_GEN_DATA": "", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}, prog="cee_gen.bench.cli")
+            env={"CEE_GEN_DATA": "", "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"},
+            prog="cee_gen.bench.cli")
     line = one_line_error(r)
     assert "--data-dir" in line
     assert not (tmp_path / "q.jsonl").exists()
