@@ -1,6 +1,7 @@
 """Static early exit: measured speed-up over full depth vs the ideal, per KV-fill mode.
 
     python benchmarks/bench_static_exit.py        # default model, eager fp32, batch 1, greedy
+    python benchmarks/bench_static_exit.py --weights gguf --out benchmarks/results/static_exit_gguf_cpu.jsonl
 
 Every generated token exits after k layers (k = L/2 and 3L/4); the skipped layers' KV is filled.
 The ideal speed-up counts only the layers saved: (L t_layer + t_other) / (k t_layer + t_other), with
@@ -33,6 +34,7 @@ def main(argv=None) -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--weights", default="fp", help="as cee-generate --weights (fp, gguf, q8_0, ...)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "static_exit_cpu.jsonl")
     args = ap.parse_args(argv)
 
@@ -41,7 +43,7 @@ def main(argv=None) -> None:
     from cee_gen.engine import Decoder, generate_batch
     from cee_gen.generate import encode_prompt, prepare_exit
 
-    model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
+    model = cee_gen.load_model(args.model, dtype="float32", device="cpu", weights=args.weights)
     net, L = model.net, model.n_layers
     ids = encode_prompt(model, PROMPTS[0], None)
     dec = Decoder(net)
@@ -75,7 +77,8 @@ def main(argv=None) -> None:
     t_full = statistics.median(times[settings[0]])
     t_layer = (t_full - t_other) / L
     common = {"machine": machine_info(), "versions": versions(), "commit": git_commit(),
-              "model": model.name, "dtype": "float32", "engine": "ours (eager, exit_step)", "batch": 1,
+              "model": model.name, "dtype": "float32", "weights": args.weights,
+              "engine": "ours (eager, exit_step)", "batch": 1,
               "prompt_tokens": len(ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
               "t_layer_ms": round(1e3 * t_layer, 3), "t_other_ms": round(1e3 * t_other, 3),
               "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

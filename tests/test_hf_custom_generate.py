@@ -1,0 +1,102 @@
+"""transformers' `model.generate(custom_generate=cee_gen.hf.CUSTOM_GENERATE, trust_remote_code=True)`
+gives what our own generate gives on the same weights: full depth, early exit, verify mode; and it
+honours max_new_tokens, eos, stopping criteria and streamers as transformers' generate does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import PROMPTS, make_random_policy_file, make_tiny_checkpoint
+
+import cee_gen
+import cee_gen.hf
+from cee_gen import ExitConfig
+from cee_gen.errors import CeeGenError
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-hf")
+    hf = make_tiny_checkpoint(path, n_layers=4, seed=3)
+    ours = cee_gen.load_model(str(path), device="cpu")
+    return hf, ours
+
+
+def hf_generate(hf, ids, **kw):
+    x = torch.tensor([ids])
+    out = hf.generate(x, attention_mask=torch.ones_like(x), custom_generate=cee_gen.hf.CUSTOM_GENERATE,
+                      trust_remote_code=True, do_sample=False, **kw)
+    return out[0, len(ids):].tolist()
+
+
+def test_custom_generate_gives_our_tokens_for_each_exit_setting(pair, tmp_path_factory):
+    hf, ours = pair
+    heads = make_random_policy_file(ours, tmp_path_factory)
+    settings = [None, ExitConfig(strategy="confidence", threshold=0.5),
+                ExitConfig(strategy="policy", heads=heads, threshold=0.5),
+                ExitConfig(verify=True, draft="ngram")]
+    outputs = {}
+    for ex in settings:
+        for p in PROMPTS:
+            ids = ours.tokenizer(p)["input_ids"]
+            [ref] = cee_gen.generate(ours, p, max_new_tokens=10, chat=False, exit=ex)
+            got = hf_generate(hf, ids, max_new_tokens=10, exit=ex, eos_token_id=ours.eos_token_ids)
+            assert got[:len(ref.token_ids)] == ref.token_ids, (ex, p)
+            assert len(got) == len(ref.token_ids)  # nothing past an EOS but padding: here, none
+            outputs.setdefault(str(ex), []).append(got)
+    # the exits change tokens here, so transformers' own decoding could not have passed this test
+    assert outputs[str(settings[1])] != outputs[str(None)] and outputs[str(settings[2])] != outputs[str(None)]
+
+
+def test_batches_keep_left_padding_and_pad_finished_rows(pair):
+    hf, ours = pair
+    tok = ours.tokenizer
+    ids = [tok(p)["input_ids"] for p in PROMPTS[:2]]
+    T = max(map(len, ids))
+    x = torch.tensor([[0] * (T - len(i)) + i for i in ids])
+    mask = torch.tensor([[0] * (T - len(i)) + [1] * len(i) for i in ids])
+    out = hf.generate(x, attention_mask=mask, custom_generate=cee_gen.hf.CUSTOM_GENERATE,
+                      trust_remote_code=True, max_new_tokens=6, do_sample=False,
+                      exit=ExitConfig(strategy="entropy", threshold=0.5))
+    assert torch.equal(out[:, :T], x)
+    ref = cee_gen.generate(ours, PROMPTS[:2], max_new_tokens=6, chat=False,
+                           exit=ExitConfig(strategy="entropy", threshold=0.5))
+    for b, r in enumerate(ref):
+        assert out[b, T:T + len(r.token_ids)].tolist() == r.token_ids
+
+
+def test_stopping_criteria_and_streamers_are_honoured(pair):
+    from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
+
+    hf, ours = pair
+    ids = ours.tokenizer(PROMPTS[0])["input_ids"]
+    full = hf_generate(hf, ids, max_new_tokens=10)
+    stop_at = full[3]
+
+    class StopOn(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            return input_ids[:, -1] == stop_at
+
+    got = hf_generate(hf, ids, max_new_tokens=10, stopping_criteria=StoppingCriteriaList([StopOn()]))
+    assert got == full[:full.index(stop_at) + 1]
+
+    class Collect:
+        def __init__(self):
+            self.puts, self.ended = [], False
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended = True
+
+    s = Collect()
+    got = hf_generate(hf, ids, max_new_tokens=5, streamer=s)
+    assert s.puts[0] == [ids] and [p[0] for p in s.puts[1:]] == got and s.ended
+
+
+def test_what_it_cannot_honour_is_refused(pair):
+    hf, ours = pair
+    ids = ours.tokenizer(PROMPTS[0])["input_ids"]
+    with pytest.raises(CeeGenError, match="num_beams"):
+        hf_generate(hf, ids, max_new_tokens=3, num_beams=2)
