@@ -249,3 +249,19 @@ def test_real_default_model_is_a_complete_tied_checkpoint_with_chat_template():
     with safe_open(path / "model.safetensors", framework="pt") as f:
         keys = set(f.keys())
     assert {"model.embed_tokens.weight", "model.layers.29.self_attn.k_proj.weight"} <= keys
+
+
+@pytest.mark.default_model
+@pytest.mark.skipif(os.environ.get("CEE_GEN_SKIP_DEFAULT_MODEL") == "1",
+                    reason="CEE_GEN_SKIP_DEFAULT_MODEL=1: tests on the real default model are off")
+def test_converting_a_real_gguf_through_a_pipe_prints_only_our_plain_lines(tmp_path):
+    """transformers' bars (its GGUF reader's is a bare tqdm) stay off; stderr is not a terminal here."""
+    import subprocess
+
+    code = ("import sys; from cee_gen.weights import default_model as dm; "
+            "dm.convert_gguf_to_hf(dm.ensure_default_gguf(), sys.argv[1])")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "out")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(line.startswith("cee-gen: ") for line in lines), lines[:5]
+    assert "\r" not in r.stderr and "it/s" not in r.stderr

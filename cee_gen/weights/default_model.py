@@ -128,14 +128,21 @@ def convert_gguf_to_hf(
     """Save a GGUF that transformers can read as an fp32 safetensors HF checkpoint in out_dir."""
     say = progress or _say
     gguf, out = Path(gguf_path), Path(out_dir)
+    import functools
+    from unittest import mock
+
+    from tqdm.auto import tqdm
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
     from transformers.utils import logging as hf_logging
 
     # transformers' own bars (de-quantizing, loading, writing shards; several, each twice) would flood
-    # stderr: our plain lines say what happens instead
+    # stderr: our plain lines say what happens instead. The GGUF reader's bar is a bare tqdm, which
+    # transformers' switch does not reach, so it gets a silent tqdm for the conversion's duration.
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        return _convert(gguf, out, say)
+        with mock.patch.object(gguf_utils, "tqdm", functools.partial(tqdm, disable=True)):
+            return _convert(gguf, out, say)
     finally:
         if was_enabled:
             hf_logging.enable_progress_bar()
