@@ -197,6 +197,21 @@ class FeedForward(nn.Module):
         return linear(F.silu(gate) * up, self.w2)
 
 
+LAYER_ROWS = 128  # query rows (and fill columns) up to which one cee_cpu::layer call runs a layer
+_OP_DTYPES = (torch.float32, torch.int8, torch.uint8, torch.float16)  # what its weights may hold
+
+
+def op_weights(mod: nn.Module) -> tuple[str, list] | None:
+    """(format, [weight or quants, scales d, mins m, bias]) of a projection as cee_cpu::layer reads it,
+    or None where the op cannot (bitsandbytes, hooks watching it, low-rank terms beside blocks)."""
+    if type(mod) is nn.Linear:
+        if mod._forward_hooks or mod._forward_pre_hooks or mod.weight.dtype != torch.float32:
+            return None
+        return "f32", [mod.weight, None, None, mod.bias]
+    blocks = getattr(mod, "op_blocks", None)  # weights/lowbit.QuantLinear
+    return None if blocks is None else blocks()
+
+
 class Block(nn.Module):
     def __init__(self, a: ModelArgs):
         super().__init__()
@@ -206,9 +221,59 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(a)
 
     def forward(self, h, step: Step, k_cache, v_cache, fill: FillColumns | None = None):
+        out = None
+        if cpu.ready and h.is_cpu and not torch.compiler.is_compiling():
+            out = self.fused(h, step, k_cache, v_cache, fill)
+        return self.forward_modules(h, step, k_cache, v_cache, fill) if out is None else out
+
+    def forward_modules(self, h, step: Step, k_cache, v_cache, fill: FillColumns | None = None):
+        """The layer through its modules: every device, dtype and weight kind, training, hooks, torch.compile;
+        the twin of the fused layer op."""
         fill_x = None if fill is None else self.attention_norm(fill.h)  # (b, P, D)
         h = h + self.attention(self.attention_norm(h), step, k_cache, v_cache, fill, fill_x)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def fused(self, h, step: Step, k_cache, v_cache, fill: FillColumns | None = None) -> torch.Tensor | None:
+        """This layer as one cee_cpu::layer call (csrc/cpu/layer.cpp: the CPU kernels, fp32, a few rows,
+        one parallel region instead of ~12 operations); None where that op does not serve it: training
+        (no backward), another attention kind, more than LAYER_ROWS rows, weights it cannot read."""
+        B, T, _ = h.shape
+        if torch.is_grad_enabled() or type(step.attn) is not Sdpa or h.dtype != torch.float32 \
+                or k_cache.dtype != torch.float32 or B * T > LAYER_ROWS \
+                or (fill is not None and fill.h.shape[0] * fill.h.shape[1] > LAYER_ROWS):
+            return None
+        args = self._op_args()
+        if args is None:
+            return None
+        w, fmts, n_heads, n_kv_heads, eps = args
+        attn = step.attn
+        mask = attn.mask if attn.kv_len is None else attn.mask[..., :attn.kv_len]  # (b, 1, T, S')
+        f = (None,) * 4 if fill is None else (fill.h, fill.slots, fill.cos, fill.sin)
+        return torch.ops.cee_cpu.layer.default(h, w, fmts, k_cache, v_cache, step.cos, step.sin, step.slots,
+                                               step.rows, mask, n_heads, n_kv_heads, eps, *f)
+
+    def _op_args(self) -> tuple | None:
+        """(w, fmts, n_heads, n_kv_heads, eps) for cee_cpu::layer, kept between calls (gathering them
+        costs more than a small layer's arithmetic) and gathered again when a projection is replaced;
+        None while a projection cannot be read (hooks, low-rank terms, bitsandbytes, not fp32)."""
+        a, f = self.attention._modules, self.feed_forward._modules
+        mods = (a["wqkv"], a["wo"], f["w13"], f["w2"])
+        for m in mods:
+            if m._forward_hooks or m._forward_pre_hooks or m.__dict__.get("lowrank"):
+                return None
+        kept = self.__dict__.get("_op_kept")
+        if kept is not None and kept[0] == mods and kept[1][0][0].dtype == torch.float32:
+            return kept[1]
+        parts = [op_weights(m) for m in mods]
+        if None in parts or self.attention_norm.eps != self.ffn_norm.eps:
+            return None
+        w = [self.attention_norm.weight, self.ffn_norm.weight, *(t for _, ts in parts for t in ts)]
+        if any(t is not None and t.dtype not in _OP_DTYPES for t in w):
+            return None
+        att = self.attention
+        args = (w, ",".join(fmt for fmt, _ in parts), att.n_heads, att.n_kv_heads, self.attention_norm.eps)
+        self.__dict__["_op_kept"] = (mods, args)
+        return args
 
 
 def run_layer(block: Block, h: torch.Tensor, step: Step, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -9,6 +9,9 @@ gives, see csrc/cpu/linear.h) and do M rows of FMAs with it, on torch's own thre
         x (..., K) float32 @ w (N, K)^T + bias
     linear_q(Tensor x, Tensor qs, Tensor d, Tensor? m, str fmt, Tensor? bias) -> Tensor
         the same with W in a GGUF block format (q4_0, q4_1, q8_0), laid out as lowbit.QuantWeight
+    layer(Tensor h, Tensor?[] w, str fmts, Tensor(a!) k_cache, Tensor(b!) v_cache, ...) -> Tensor
+        one whole decoder layer for a few query rows (decode steps, verify passes), in one parallel
+        region; its twin is model.Block's own forward (see `layer` below, csrc/cpu/layer.cpp)
 
 The schemas live here, in the `cee_cpu` namespace (ops/__init__.py owns `cee_gen`), with the PyTorch
 twins as their CompositeExplicitAutograd kernels and fake kernels for torch.compile, which keeps the
@@ -35,11 +38,16 @@ from cee_gen.ops import lowbit
 from cee_gen.ops.lowbit import QuantWeight, linear_q_ref
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
-SOURCES = ("linear.cpp", "linear_scalar.cpp", "linear_avx2.cpp", "linear_avx512.cpp")
+SOURCES = ("linear.cpp", "linear_scalar.cpp", "linear_avx2.cpp", "linear_avx512.cpp", "layer.cpp",
+           "layer_math.cpp")
 ISAS = ("scalar", "avx2", "avx512")  # index = the library's Isa enum
 
 LINEAR_F32_SCHEMA = "linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor"
 LINEAR_Q_SCHEMA = "linear_q(Tensor x, Tensor qs, Tensor d, Tensor? m, str fmt, Tensor? bias) -> Tensor"
+LAYER_SCHEMA = ("layer(Tensor h, Tensor?[] w, str fmts, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
+                "Tensor sin, Tensor slots, Tensor? rows, Tensor mask, int n_heads, int n_kv_heads, "
+                "float eps, Tensor? fill_h, Tensor? fill_slots, Tensor? fill_cos, Tensor? fill_sin) "
+                "-> Tensor")
 
 
 def linear_f32_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -51,6 +59,7 @@ def linear_f32_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
 _lib = torch.library.Library("cee_cpu", "DEF")
 _lib.define(LINEAR_F32_SCHEMA)
 _lib.define(LINEAR_Q_SCHEMA)
+_lib.define(LAYER_SCHEMA)  # a CPU kernel only (csrc/cpu/layer.cpp): callers check `ready` first
 _lib.impl("linear_f32", linear_f32_ref, "CompositeExplicitAutograd")
 _lib.impl("linear_q", linear_q_ref, "CompositeExplicitAutograd")
 
@@ -65,6 +74,12 @@ def _(x, qs, d, m, fmt, bias):
     return x.new_empty((*x.shape[:-1], qs.shape[0]))
 
 
+@torch.library.register_fake("cee_cpu::layer", lib=_lib)
+def _(h, w, fmts, k_cache, v_cache, cos, sin, slots, rows, mask, n_heads, n_kv_heads, eps, fill_h, fill_slots,
+      fill_cos, fill_sin):
+    return torch.empty_like(h)
+
+
 _so: ctypes.CDLL | None = None  # the loaded library, or None (not tried, failed, or disabled)
 _tried = False
 ready = False  # the kernels are loaded: a plain bool, which torch.compile reads as a constant
@@ -77,9 +92,11 @@ def _build(verbose: bool) -> str:
     missing = [s for s in SOURCES if not (CSRC / s).exists()]
     if missing:
         raise RuntimeError(f"{CSRC} lacks {', '.join(missing)} (JIT builds need a source checkout)")
-    # -fopenmp: at::parallel_for's pragma; libgomp.so.1 then resolves to the copy torch already loaded.
+    # -fopenmp: at::parallel_for's and layer.cpp's pragmas; libgomp.so.1 then resolves to the copy torch
+    # already loaded. -fno-trapping-math: lets the compiler vectorize layer_math.inc's loops.
     return load(name="cee_gen_cpu", sources=[str(CSRC / s) for s in SOURCES],
-                extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], extra_include_paths=[str(CSRC)],
+                extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(CSRC)],
                 is_python_module=False, verbose=verbose)
 
 

@@ -66,6 +66,11 @@ class QuantLinear(nn.Module):
             y[..., r0:r0 + sB.shape[0]] += (x @ A.T) @ sB.T
         return y
 
+    def op_blocks(self) -> tuple[str, list] | None:
+        """(format, [quants, scales, mins, bias]) as the fused layer op reads them (model.op_weights);
+        None with low-rank terms, which the op does not apply."""
+        return None if self.lowrank else (self.fmt, [self.qs, self.d, self.m, self.bias])
+
     def _dense_chunks(self):
         for r in range(0, self.out_features, DENSE_CHUNK):
             s = slice(r, r + DENSE_CHUNK)

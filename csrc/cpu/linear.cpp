@@ -50,6 +50,10 @@ int isa_from_env() {
 
 std::atomic<int> g_isa{isa_from_env()};
 
+}  // namespace
+
+Isa current_isa() { return static_cast<Isa>(g_isa.load(std::memory_order_relaxed)); }
+
 Kernel kernel_for(Fmt fmt) {
 #if defined(__x86_64__) || defined(__i386__)
   switch (static_cast<Isa>(g_isa.load(std::memory_order_relaxed))) {
@@ -60,6 +64,8 @@ Kernel kernel_for(Fmt fmt) {
 #endif
   return scalar_kernel(fmt);
 }
+
+namespace {
 
 // Below this many weight-row x activation-row products (N*K*M) a call stays on one thread: waking the
 // second costs a few microseconds, as much as ~50K multiply-adds.

@@ -40,6 +40,8 @@ using Kernel = void (*)(const Problem& p, int64_t n0, int64_t n1);
 constexpr int64_t kRowAlign = 24;
 
 Kernel scalar_kernel(Fmt fmt);
+Kernel kernel_for(Fmt fmt);  // the variant of the ISA in use (linear.cpp)
+Isa current_isa();
 Kernel avx2_kernel(Fmt fmt);
 Kernel avx512_kernel(Fmt fmt);
 
