@@ -1,21 +1,23 @@
-"""Low-bit weights on the CPU: batch-1 decode of HF fp32, ours fp32 (compiled), ours in GGUF blocks, and
-llama.cpp on the very same GGUF file, in one run.
+"""Low-bit weights on the CPU: batch-1 decode of HF fp32, ours fp32 (eager and compiled), ours in GGUF
+blocks, and llama.cpp on the very same GGUF file, in one run.
 
     python benchmarks/bench_lowbit.py                                  # all engines, 128 tokens, 2 threads
-    python benchmarks/bench_lowbit.py --engines ours-fp,ours-gguf,llama.cpp --repeats 5
+    python benchmarks/bench_lowbit.py --engines ours-gguf,llama.cpp --repeats 5
     python benchmarks/bench_lowbit.py --memory                         # peak RSS of one-shot processes
 
-Engines: `hf` (transformers generate, fp32), `ours-fp` (fp32, compiled), `ours-gguf` (the GGUF's own
-blocks: Q4_1 layers, Q8_0 head; compiled), `ours-q8_0` (every projection and the head RTN-quantized to
-Q8_0 from fp32; compiled), `llama.cpp` (llama-cpp-python on the same GGUF; benchmark-only: `pip install
-llama-cpp-python==0.3.36`, built from source, ~10 min; skipped with a message when absent).
+Engines: `hf` (transformers generate, fp32), `ours-fp` (fp32, the default eager path: one fused op per
+layer, csrc/cpu/layer.cpp), `ours-fp-compiled` (fp32, --compile: the layers through their modules,
+traced by Inductor), `ours-gguf` (the GGUF's own blocks: Q4_1 layers, Q8_0 head; the default eager
+path), `ours-q8_0` (every projection and the head RTN-quantized to Q8_0 from fp32), `llama.cpp`
+(llama-cpp-python on the same GGUF; benchmark-only: `pip install llama-cpp-python==0.3.36`, built from
+source, ~10 min; skipped with a message when absent).
 
 Batch 1, greedy, exactly --new-tokens tokens (EOS ignored by every engine), the same prompt token ids
-for all. Each repeat runs every engine once per prompt, alternating; medians over repeats after one
-warm-up run per engine and prompt (compiles there). Reported beside each: weight bytes read per token,
-GB/s of weights achieved, and the roofline (bytes per token / measured read bandwidth). Token
-agreement is against ours fp32: `ours-gguf` must be 1.0 (the same weights), llama.cpp quantizes its
-activations to 8 bits and need not be.
+for all; each timing is the whole call, prefill included, as llama.cpp's is. Each repeat runs every
+engine once per prompt, alternating; medians over repeats after one warm-up run per engine and prompt
+(compiles there). Reported beside each: weight bytes read per token, GB/s of weights achieved, and the
+roofline (bytes per token / measured read bandwidth). Token agreement is against ours fp32: `ours-gguf`
+must be 1.0 (the same weights), llama.cpp quantizes its activations to 8 bits and need not be.
 
 --memory runs `cee-generate` (16 tokens, default model) with --weights fp and gguf, and llama.cpp on the
 GGUF, each as its own process, and reports peak resident memory (ru_maxrss), beside the import-only
@@ -39,7 +41,9 @@ from bench_decode import PROMPTS, measure_bandwidth_gbs, run_hf, run_ours, weigh
 
 from cee_gen.bench.env import git_commit, machine_info, versions
 
-ENGINES = ("hf", "ours-fp", "ours-gguf", "ours-q8_0", "llama.cpp")
+ENGINES = ("hf", "ours-fp", "ours-fp-compiled", "ours-gguf", "ours-q8_0", "llama.cpp")
+OURS = {"ours-fp": ("fp", False), "ours-fp-compiled": ("fp", True), "ours-gguf": ("gguf", False),
+        "ours-q8_0": ("q8_0", False)}  # engine: (weights, compile)
 
 
 def llama_cpp_runner(gguf: Path, threads: int, n: int, n_ctx: int):
@@ -147,11 +151,11 @@ def decode(args, gguf, common, cee_gen, Decoder, encode_prompt) -> list[dict]:
         hf = AutoModelForCausalLM.from_pretrained(fp.path, dtype=torch.float32).eval()
         runners["hf"] = lambda ids: run_hf(hf, ids, n)
         nets["hf"] = fp.net
-    for name, weights in (("ours-fp", "fp"), ("ours-gguf", "gguf"), ("ours-q8_0", "q8_0")):
+    for name, (weights, compile) in OURS.items():
         if name in engines:
             net = fp.net if weights == "fp" else cee_gen.load_model(None, device="cpu", weights=weights).net
             nets[name] = net
-            dec = Decoder(net, compile=True)
+            dec = Decoder(net, compile=compile)
             runners[name] = lambda ids, dec=dec: run_ours(dec, ids, n)
     if "llama.cpp" in engines:
         run, why = llama_cpp_runner(gguf, args.threads, n, max(map(len, prompts)) + n + 8)
@@ -184,7 +188,8 @@ def decode(args, gguf, common, cee_gen, Decoder, encode_prompt) -> list[dict]:
         for e in runners:
             med = statistics.median(times[(e, p_i)])
             wbytes = weight_bytes_per_token(nets[e])
-            rec = {**common, "kind": "decode", "engine": e, "prompt_index": p_i, "prompt_tokens": len(ids),
+            rec = {**common, "kind": "decode", "engine": e, "compile": OURS.get(e, (None, False))[1],
+                   "prompt_index": p_i, "prompt_tokens": len(ids),
                    "new_tokens": n, "median_s": round(med, 4),
                    "all_s": [round(t, 4) for t in times[(e, p_i)]],
                    "tok_s": round(n / med, 2), "weight_bytes_per_token": wbytes,

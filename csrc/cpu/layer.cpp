@@ -278,7 +278,7 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
   float* op = out.data_ptr<float>();
   const Proj fill_kv = qkv.rows(qsz, 2 * kvsz);
 
-  // y (rows, N) = x (rows, K) @ W^T: weight-row chunks taken from a shared counter by every thread
+  // y (rows, N) = x (rows, K) @ W^T: each thread takes a chunk of weight rows from a shared counter
   std::atomic<int64_t> next[5];
   for (auto& n : next) n.store(0);
   auto product = [&](const Proj& pr, const float* x, int64_t ldx, int64_t rows_x, float* y, int64_t ldy,
@@ -287,7 +287,7 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
     Problem p = pr.p;
     p.x = x, p.ldx = ldx, p.y = y, p.ldy = ldy, p.M = rows_x;
     const int64_t tiles = (p.N + kRowAlign - 1) / kRowAlign;
-    const int64_t chunk = std::max<int64_t>(1, tiles / (nt * 8));
+    const int64_t chunk = (tiles + nt - 1) / nt;  // one contiguous run of rows a thread (see linear.cpp)
     for (int64_t t0; (t0 = ctr.fetch_add(chunk, std::memory_order_relaxed)) < tiles;)
       pr.kernel(p, t0 * kRowAlign, std::min((t0 + chunk) * kRowAlign, p.N));
   };

@@ -80,7 +80,10 @@ void run(const Problem& p, Fmt fmt) {
     kernel(p, 0, p.N);
     return;
   }
-  const int64_t chunk = std::max<int64_t>(1, tiles / (threads * 8));  // ~8 chunks a thread
+  // One contiguous run of weight rows a thread: two threads streaming one long run each read ~20 %
+  // faster than when they take turns over small chunks (measured, bench_lowbit.py's model); the
+  // counter still hands a late thread's share to one that is free.
+  const int64_t chunk = (tiles + threads - 1) / threads;
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t t0; (t0 = next.fetch_add(chunk, std::memory_order_relaxed)) < tiles;)
