@@ -18,6 +18,7 @@ import torch
 
 from cee_gen.errors import CeeGenError
 from cee_gen.ops import cpu, lowbit
+from cee_gen.weights import lowbit as lowbit_weights
 
 gguf = pytest.importorskip("gguf")
 
@@ -89,6 +90,67 @@ def test_gguf_blocks_repack_to_gguf_py_dequantization_bit_for_bit(tmp_path):
         assert torch.equal(lowbit.to_gguf_blocks(qw), torch.from_numpy(np.asarray(t.data)))
         seen.add(fmt)
     assert seen == set(FORMATS)
+
+
+def test_the_header_index_is_gguf_pys_and_blocks_read_in_pieces_are_the_whole(tmp_path, monkeypatch):
+    """gguf_tensor_index reads names, types, shapes, sizes and offsets from the header alone; blocks read
+    a few rows at a time (READ_ROWS) repack to what from_gguf_blocks makes of the whole tensor."""
+    from cee_gen.weights.lowbit import GGUFTensors, gguf_tensor_index
+
+    rng = np.random.default_rng(1)
+    path = tmp_path / "meta.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])  # metadata to skip over
+    w.add_array("llama.some_ints", list(range(7)))
+    w.add_string("general.name", "x" * 3000)
+    w.add_float32("llama.eps", 1e-5)
+    data = {f: rng.standard_normal((37, 64)).astype(np.float32) for f in FORMATS}
+    for f in FORMATS:
+        w.add_tensor(f"blk.0.{f}", gguf.quants.quantize(data[f], GGML[f]), raw_dtype=GGML[f])
+    w.add_tensor("norm", rng.standard_normal(64).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(path))
+    expect = {t.name: (t.tensor_type, tuple(reversed(t.shape.tolist())), int(t.n_bytes), int(t.data_offset))
+              for t in reader.tensors}
+    assert gguf_tensor_index(path) == expect
+    monkeypatch.setattr(lowbit_weights, "READ_ROWS", 5)  # 37 rows in 8 pieces
+    tensors = GGUFTensors(path)
+    for t in reader.tensors:
+        got = tensors.take(t.name)
+        if t.name == "norm":
+            assert torch.equal(got, torch.from_numpy(np.asarray(t.data)))
+            continue
+        whole = lowbit.from_gguf_blocks(t.data, t.tensor_type)
+        assert torch.equal(got.qs, whole.qs) and torch.equal(got.d, whole.d)
+        assert (got.m is None) == (whole.m is None) and (got.m is None or torch.equal(got.m, whole.m))
+
+
+def test_an_unsupported_block_type_or_a_truncated_file_is_named_before_anything_is_built(tmp_path):
+    from cee_gen.errors import ModelLoadError
+    from cee_gen.weights.lowbit import GGUFTensors, build_from_gguf
+
+    path = tmp_path / "k.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    x = np.random.default_rng(2).standard_normal((4, 256)).astype(np.float32)
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q5_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match=r"blk.0.attn_q.weight.*Q5_0.*supported are q8_0, q4_0, q4_1") as e:
+        build_from_gguf(None, path)
+    assert "\n" not in str(e.value)
+    raw = path.read_bytes()
+    path.write_bytes(raw[:-100])
+    with pytest.raises(ModelLoadError, match="truncated"):
+        GGUFTensors(path).take("blk.0.attn_q.weight")
+    path.write_bytes(raw[:40])
+    with pytest.raises(ModelLoadError, match="damaged"):
+        GGUFTensors(path)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -100,7 +100,6 @@ def _build(verbose: bool) -> str:
                 is_python_module=False, verbose=verbose)
 
 
-@torch.compiler.disable
 def load(verbose: bool = False) -> bool:
     """Build (first time) and load the CPU kernels once; whether they are there. Never raises."""
     global _so, _tried, _why_not, ready
@@ -167,8 +166,8 @@ def _kernel_for(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None)
     """Whether the kernel serves this call: fp32 CPU activations, no gradient wanted, library built.
     Otherwise the wrappers call the twin directly, which torch.compile then traces as plain code.
     (Kept cheap: a decode step makes ~120 of these calls.)"""
-    if _so is None and (_tried or not load()):
-        return False
+    if _so is None and (_tried or torch.compiler.is_compiling() or not load()):
+        return False  # (not built inside a compiled region: the Decoder builds it before it compiles)
     if x.dtype != torch.float32 or not x.is_cpu:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (a is not None and a.requires_grad)

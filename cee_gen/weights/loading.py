@@ -8,6 +8,7 @@ with safetensors and renamed into our fused layout (q|k|v -> wqkv, gate|up -> w1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -294,8 +295,24 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
                  pad_token_id=pad, meta={"config": hf_cfg.to_dict()}, weights=prov)
 
 
+@contextlib.contextmanager
+def _no_random_init():
+    """Module constructors skip their random initialization (every weight is replaced after): on the meta
+    device torch's init functions run through torch._refs, which imports torch.compile's machinery
+    (~70 MB of resident memory a one-shot run on GGUF blocks does not otherwise need)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(torch.nn.init, n, lambda t, *a, **k: t)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
+
+
 def _build_gguf(args: ModelArgs, gguf: Path) -> Transformer:
-    with torch.device("meta"):
+    with torch.device("meta"), _no_random_init():
         net = Transformer(args)
     lowbit.build_from_gguf(net, gguf)
     from cee_gen.rope import rope_tables
