@@ -2,16 +2,18 @@
 
     python benchmarks/bench_default.py            # both jobs, ours and HF transformers alike
 
-`list` job: `cee_gen.generate(model, prompts, max_new_tokens=64)` over 20 prompts (default batch
-size, chat template, greedy, EOS respected), against HF `generate` batched the same way (the same
-batch size, left-padded, the same weights), and with `compile=True`. Wall time of the whole call,
+`list` job: `cee_gen.generate(model, prompts, max_new_tokens=64)` over 20 prompts (default batch size,
+chat template, greedy, EOS respected; `load_model()`'s default weights, auto: the default model's GGUF
+blocks on the CPU), against HF `generate` batched the same way (the same batch size, left-padded, the
+same weights as fp32 floats), with `compile=True`, and with weights="fp". Wall time of the whole call,
 prefill, padding and compile included; tok/s = generated tokens / wall time. Alternating, median of
---repeats after a warm-up run of each (the compile of `compile=True` is in its first run only, which
-is reported apart as what a one-shot process pays).
+--repeats after a warm-up run of each (the compile of `compile=True` is in its first run only, which is
+reported apart as what a one-shot process pays).
 
 `cli` job: `cee-generate` as a user runs it, in a fresh process each time: one prompt of ~64 tokens
 (wall time, and the time to the first streamed character), and the same 20 prompts through
-`--input/--output`; default options against `--compile`.
+`--input/--output`; default options against `--compile` and `--weights fp`, and the 20 prompts
+through HF `generate` in a fresh process of its own (batched alike), every cost counted.
 
 JSON lines to --out (default benchmarks/results/default_cpu.jsonl); `python -m cee_gen.bench.report`
 renders them.
@@ -52,6 +54,7 @@ PROMPTS = [
 def common() -> dict:
     return {"kind": "default_speed", "machine": machine_info(), "versions": versions(),
             "commit": git_commit(), "model": "SmolLM2-135M-Instruct", "dtype": "float32",
+            "weights": "auto",
             "new_tokens": 64, "prompts": len(PROMPTS),
             "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
@@ -63,14 +66,15 @@ def list_job(args) -> list[dict]:
     from cee_gen.config import GenerationConfig
     from cee_gen.generate import encode_prompt
 
-    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    model = cee_gen.load_model(None, dtype="float32", device="cpu")  # the default: auto weights
+    fp = cee_gen.load_model(None, dtype="float32", device="cpu", weights="fp")  # the same weights, floats
     eos = model.eos_token_ids
     bs = GenerationConfig().batch_size
-    hf = hf_model(model)
+    hf = hf_model(fp)
     encoded = [encode_prompt(model, p, None) for p in PROMPTS]
 
-    def ours(compile: bool):
-        res = cee_gen.generate(model, PROMPTS, max_new_tokens=64, compile=compile)
+    def ours(compile: bool, m=model):
+        res = cee_gen.generate(m, PROMPTS, max_new_tokens=64, compile=compile)
         return [r.token_ids for r in res]
 
     def hf_batched():
@@ -88,7 +92,7 @@ def list_job(args) -> list[dict]:
         return out
 
     runs = {"hf generate (batched alike)": hf_batched, "ours default": lambda: ours(False),
-            "ours compile=True": lambda: ours(True)}
+            "ours compile=True": lambda: ours(True), "ours weights=fp": lambda: ours(False, fp)}
     first, times, ids = {}, {k: [] for k in runs}, {}
     for name, f in runs.items():  # the first run: what a one-shot process pays (compile included)
         t0 = time.perf_counter()
@@ -115,6 +119,28 @@ def list_job(args) -> list[dict]:
     return out
 
 
+HF_JOB = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from cee_gen.config import GenerationConfig
+from cee_gen.weights.default_model import ensure_default_model
+path = ensure_default_model()
+tok = AutoTokenizer.from_pretrained(path)
+hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+prompts = [json.loads(line)["prompt"] for line in open(sys.argv[1])]
+tok.padding_side = "left"
+bs, out = GenerationConfig().batch_size, []
+for i in range(0, len(prompts), bs):
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                     tokenize=False) for p in prompts[i:i + bs]]
+    x = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    with torch.inference_mode():
+        y = hf.generate(**x, max_new_tokens=64, do_sample=False, pad_token_id=tok.pad_token_id)
+    out += tok.batch_decode(y[:, x.input_ids.shape[1]:], skip_special_tokens=True)
+print(json.dumps(out))
+"""
+
+
 def cli_job(args) -> list[dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     exe = [sys.executable, "-m", "cee_gen.cli"]
@@ -137,10 +163,18 @@ def cli_job(args) -> list[dict]:
                         str(tmp / "out.jsonl")], check=True, capture_output=True, env=env)
         return None, time.perf_counter() - t0
 
+    def hf_job():  # the same 20 prompts through HF generate in a fresh process, batched alike
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", HF_JOB, str(src)], check=True, capture_output=True, env=env)
+        return None, time.perf_counter() - t0
+
     cases = {("one prompt, streamed", "default"): lambda: one_shot([]),
              ("one prompt, streamed", "--compile"): lambda: one_shot(["--compile"]),
+             ("one prompt, streamed", "--weights fp"): lambda: one_shot(["--weights", "fp"]),
              ("20 prompts, --input", "default"): lambda: job([]),
-             ("20 prompts, --input", "--compile"): lambda: job(["--compile"])}
+             ("20 prompts, --input", "--compile"): lambda: job(["--compile"]),
+             ("20 prompts, --input", "--weights fp"): lambda: job(["--weights", "fp"]),
+             ("20 prompts, --input", "HF generate script (batched alike)"): hf_job}
     for f in cases.values():  # warm-up: the on-disk caches (model, Inductor) as a second run finds them
         f()
     res = {k: [] for k in cases}
@@ -148,9 +182,13 @@ def cli_job(args) -> list[dict]:
         for k, f in cases.items():
             res[k].append(f())
     out = []
+    hf_key = ("20 prompts, --input", "HF generate script (batched alike)")
+    hf_wall = statistics.median(r[1] for r in res[hf_key])
     for (jobname, setting), rs in res.items():
         rec = {"job": f"cee-generate, {jobname}", "setting": setting, "repeats": args.repeats,
                "wall_s": round(statistics.median(r[1] for r in rs), 2)}
+        if jobname.startswith("20 prompts"):
+            rec["speedup_vs_hf_process"] = round(hf_wall / rec["wall_s"], 3)
         if rs[0][0] is not None:
             rec["first_text_s"] = round(statistics.median(r[0] for r in rs), 2)
         print(json.dumps(rec), flush=True)

@@ -17,7 +17,7 @@ from cee_gen.errors import CeeGenError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = ("none", "8bit", "4bit")
-WEIGHTS = ("fp", "gguf", "q8_0", "q4_1", "q4_0")  # weights/lowbit.py
+WEIGHTS = ("auto", "fp", "gguf", "q8_0", "q4_1", "q4_0")  # weights/lowbit.py
 ATTENTION = ("auto", "sdpa", "flash")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 EXIT_STRATEGIES = ("full", "static", "policy", "confidence", "entropy", "patience", "saturation", "hash",
@@ -60,10 +60,11 @@ class LoadConfig:
     device: str = _f("auto", "cpu, cuda, cuda:N, or auto (cuda when available)")
     quantize: str = _f("none", "weights of the decoder layers through bitsandbytes: none, 8bit (LLM.int8) "
                        "or 4bit (NF4)", choices=QUANTIZE)
-    weights: str = _f("fp", "weight format on the CPU: fp (floats; a GGUF dequantized once), gguf (a "
-                      "GGUF's own blocks, e.g. the default model's Q4_1 layers and Q8_0 head: the same "
-                      "weights, 5x fewer bytes), or q8_0, q4_1, q4_0 (quantize what was loaded, round to "
-                      "nearest)",
+    weights: str = _f("auto", "weight format on the CPU: auto (a GGUF's own blocks where they serve: a .gguf "
+                      "or the default model, on the CPU in float32, with the CPU kernels built; else fp), "
+                      "fp (floats; a GGUF dequantized once), gguf (a GGUF's own blocks, e.g. the default "
+                      "model's Q4_1 layers and Q8_0 head: the same weights and logits, 5x fewer bytes), or "
+                      "q8_0, q4_1, q4_0 (quantize what was loaded, round to nearest)",
                       choices=WEIGHTS)
     attention: str = _f("auto", "attention kernel: auto (flash-attn when it can serve: CUDA, fp16/bf16, "
                         "flash-attn >= 2.6 installed; else SDPA), sdpa, or flash (an error when it cannot)",
@@ -75,11 +76,11 @@ class LoadConfig:
 
     def validate(self) -> LoadConfig:
         check_choices(self)
-        if self.weights != "fp" and self.quantize != "none":
+        if self.weights not in ("fp", "auto") and self.quantize != "none":
             raise CeeGenError(f"weights {self.weights} and quantize {self.quantize} are two quantizations of "
                               "the same layers: pick one (weights: GGUF blocks on the CPU; quantize: "
                               "bitsandbytes, for the GPU)")
-        if self.device_map is not None and self.weights != "fp":
+        if self.device_map is not None and self.weights not in ("fp", "auto"):
             raise CeeGenError(f"weights {self.weights} with a device map is not supported: low-bit weights "
                               "run on one CPU (drop --device-map)")
         if self.device_map is not None and self.quantize != "none":

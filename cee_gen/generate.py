@@ -25,6 +25,7 @@ from cee_gen.engine import Decoder, ExitRun, exit_histogram, generate_batch
 from cee_gen.errors import CeeGenError
 from cee_gen.exits import ExitHeads, load_heads, make_strategy
 from cee_gen.exits.heads import default_operating_point
+from cee_gen.ops import cpu
 from cee_gen.weights import placement
 from cee_gen.weights.loading import Model
 
@@ -59,6 +60,10 @@ def _decoder(model: Model, compile: bool, mode: str = "default") -> Decoder:
         if compile:  # the first steps compile: say so, on stderr, before the wait
             print(f"cee-gen: compiling the decode step (once per process: ~20-60 s on 2 CPU cores, less with "
                   f"the warm on-disk cache in {_inductor_cache()})", file=sys.stderr, flush=True)
+            if model.device.type == "cpu" and cpu.available():
+                print("cee-gen: note: on the CPU the default (eager) step runs each layer as one fused op, "
+                      "as fast as compiled in fp32 and faster on GGUF blocks (docs/speed.md); compile "
+                      "traces the layers through their modules", file=sys.stderr, flush=True)
         dec = model.decoders[key] = Decoder(model.net, compile=compile, mode=mode)
     return dec
 

@@ -201,13 +201,13 @@ LAYER_ROWS = 128  # query rows (and fill columns) up to which one cee_cpu::layer
 _OP_DTYPES = (torch.float32, torch.int8, torch.uint8, torch.float16)  # what its weights may hold
 
 
-def op_weights(mod: nn.Module) -> tuple[str, list] | None:
-    """(format, [weight or quants, scales d, mins m, bias]) of a projection as cee_cpu::layer reads it,
-    or None where the op cannot (bitsandbytes, hooks watching it, low-rank terms beside blocks)."""
+def op_weights(mod: nn.Module) -> tuple[str, list, list] | None:
+    """(format, [weight or quants, scales d, mins m, bias], low-rank terms [(first row, A, sB)]) of a
+    projection as cee_cpu::layer reads it, or None where the op cannot (bitsandbytes, hooks watching it)."""
     if type(mod) is nn.Linear:
         if mod._forward_hooks or mod._forward_pre_hooks or mod.weight.dtype != torch.float32:
             return None
-        return "f32", [mod.weight, None, None, mod.bias]
+        return "f32", [mod.weight, None, None, mod.bias], []
     blocks = getattr(mod, "op_blocks", None)  # weights/lowbit.QuantLinear
     return None if blocks is None else blocks()
 
@@ -245,34 +245,39 @@ class Block(nn.Module):
         args = self._op_args()
         if args is None:
             return None
-        w, fmts, n_heads, n_kv_heads, eps = args
+        w, fmts, n_heads, n_kv_heads, eps, lr, lr_meta = args
         attn = step.attn
         mask = attn.mask if attn.kv_len is None else attn.mask[..., :attn.kv_len]  # (b, 1, T, S')
         f = (None,) * 4 if fill is None else (fill.h, fill.slots, fill.cos, fill.sin)
         return torch.ops.cee_cpu.layer.default(h, w, fmts, k_cache, v_cache, step.cos, step.sin, step.slots,
-                                               step.rows, mask, n_heads, n_kv_heads, eps, *f)
+                                               step.rows, mask, n_heads, n_kv_heads, eps, *f, lr, lr_meta)
 
     def _op_args(self) -> tuple | None:
-        """(w, fmts, n_heads, n_kv_heads, eps) for cee_cpu::layer, kept between calls (gathering them
-        costs more than a small layer's arithmetic) and gathered again when a projection is replaced;
-        None while a projection cannot be read (hooks, low-rank terms, bitsandbytes, not fp32)."""
+        """(w, fmts, n_heads, n_kv_heads, eps, lr, lr_meta) for cee_cpu::layer, kept between calls
+        (gathering them costs more than a small layer's arithmetic) and gathered again when a projection
+        is replaced or gains low-rank terms; None while a projection cannot be read (hooks,
+        bitsandbytes, not fp32)."""
         a, f = self.attention._modules, self.feed_forward._modules
         mods = (a["wqkv"], a["wo"], f["w13"], f["w2"])
         for m in mods:
-            if m._forward_hooks or m._forward_pre_hooks or m.__dict__.get("lowrank"):
+            if m._forward_hooks or m._forward_pre_hooks:
                 return None
+        key = (mods, tuple(len(m.__dict__.get("lowrank", ())) for m in mods))
         kept = self.__dict__.get("_op_kept")
-        if kept is not None and kept[0] == mods and kept[1][0][0].dtype == torch.float32:
+        if kept is not None and kept[0] == key and kept[1][0][0].dtype == torch.float32:
             return kept[1]
         parts = [op_weights(m) for m in mods]
         if None in parts or self.attention_norm.eps != self.ffn_norm.eps:
             return None
-        w = [self.attention_norm.weight, self.ffn_norm.weight, *(t for _, ts in parts for t in ts)]
-        if any(t is not None and t.dtype not in _OP_DTYPES for t in w):
+        w = [self.attention_norm.weight, self.ffn_norm.weight, *(t for _, ts, _ in parts for t in ts)]
+        lr = [t for _, _, terms in parts for _, A, sB in terms for t in (A, sB)]
+        if any(t is not None and t.dtype not in _OP_DTYPES for t in w + lr):
             return None
+        meta = [v for j, (_, _, terms) in enumerate(parts) for r0, _, _ in terms for v in (j, r0)]
         att = self.attention
-        args = (w, ",".join(fmt for fmt, _ in parts), att.n_heads, att.n_kv_heads, self.attention_norm.eps)
-        self.__dict__["_op_kept"] = (mods, args)
+        args = (w, ",".join(fmt for fmt, _, _ in parts), att.n_heads, att.n_kv_heads, self.attention_norm.eps,
+                lr, meta)
+        self.__dict__["_op_kept"] = (key, args)
         return args
 
 

@@ -152,7 +152,7 @@ def default_model():
         pytest.skip("CEE_GEN_SKIP_DEFAULT_MODEL=1: tests on the real default model are switched off")
     import cee_gen
 
-    return cee_gen.load_model(None, dtype="float32", device="cpu")
+    return cee_gen.load_model(None, dtype="float32", device="cpu", weights="fp")  # the fp32 reference
 
 
 # ---- shared by several test files (tests import helpers from here, never from each other) ---------

@@ -136,6 +136,32 @@ def test_per_row_slots_cache_rows_and_fill_columns():
     assert torch.equal(k1[untouched], caches(blk, Bc, S)[0][untouched])
 
 
+def test_low_rank_terms_beside_the_blocks_reach_queries_and_fill_columns():
+    """A heads file's LoRA deltas on block weights stay factors (QuantLinear.add_lowrank): the op adds them
+    to the products it makes, the fill columns' K/V included, as the modules do."""
+    blk, rope = make_block(fmt="q4_1")
+    g = torch.Generator().manual_seed(5)
+    a = blk.attention
+    for r0, n in ((0, a.q_size), (a.q_size + a.kv_size, a.kv_size)):  # q rows and v rows, as LoRA q,v
+        a.wqkv.add_lowrank(r0, torch.randn(4, 96, generator=g), torch.randn(n, 4, generator=g), 0.1)
+    w2 = blk.feed_forward.w2
+    w2.add_lowrank(10, torch.randn(3, 160, generator=g), torch.randn(50, 3, generator=g), 0.2)
+    Bc, S = 2, 24
+    k, v = caches(blk, Bc, S)
+    pad = torch.tensor([0, 2])
+    step = rope.make_step(torch.tensor([12]), pad, S, 13)
+    fslots = torch.tensor([[9, 10], [10, 11]])
+    fill = FillColumns(torch.randn(2, 2, 96, generator=g), fslots, *rope.rope_rows(fslots, pad))
+    h = torch.randn(2, 1, 96, generator=g)
+    (out, k1, v1), (ref, k2, v2) = both(blk, h, step, k, v, fill)
+    assert_same((out, k1, v1), (ref, k2, v2))
+    plain, _ = make_block(fmt="q4_1")  # the same layer without the terms: they changed the result
+    k3, v3 = caches(plain, Bc, S)
+    with torch.inference_mode():
+        assert not torch.allclose(plain.fused(h, step, k3, v3, fill), out, atol=1e-3)
+    assert not torch.allclose(v3[:, :, 9:12], v1[:, :, 9:12], atol=1e-3)  # the fill columns' V too
+
+
 def test_a_rows_result_is_bit_for_bit_the_same_alone_or_in_a_batch_with_one_or_two_threads():
     blk, rope = make_block(dim=256, n_heads=8, n_kv_heads=2, head_dim=32, inter=512, fmt="q4_1")
     B, S = 3, 50
@@ -178,18 +204,19 @@ def test_bad_arguments_are_refused_with_a_message():
     blk, rope = make_block()
     k, v = caches(blk, 1, 8)
     step = decode_step(rope, torch.tensor([0]), 3, 8, 1)
-    w, fmts, H, Hkv, eps = blk._op_args()
+    w, fmts, H, Hkv, eps, lr, meta = blk._op_args()
     op = torch.ops.cee_cpu.layer.default
     h = torch.randn(1, 1, 96)
     mask = step.attn.mask[..., :4]
     with pytest.raises(RuntimeError, match="slot 9 outside"):
         op(h, w, fmts, k, v, step.cos, step.sin, torch.tensor([9]), None, mask, H, Hkv, eps, None, None, None,
-           None)
+           None, lr, meta)
     with pytest.raises(RuntimeError, match="unknown weight format"):
         op(h, w, "f32,f32,q5_k,f32", k, v, step.cos, step.sin, step.slots, None, mask, H, Hkv, eps, None,
-           None, None, None)
+           None, None, None, lr, meta)
     with pytest.raises(RuntimeError, match="caches must be"):
         op(h, w, fmts, k.transpose(2, 3), v, step.cos, step.sin, step.slots, None, mask, H, Hkv, eps, None,
-           None, None, None)
+           None, None, None, lr, meta)
     with pytest.raises(RuntimeError, match="group evenly"):
-        op(h, w, fmts, k, v, step.cos, step.sin, step.slots, None, mask, 5, Hkv, eps, None, None, None, None)
+        op(h, w, fmts, k, v, step.cos, step.sin, step.slots, None, mask, 5, Hkv, eps, None, None, None, None,
+           lr, meta)

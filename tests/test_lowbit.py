@@ -167,7 +167,39 @@ def test_cli_weights_flag_reaches_the_model_and_the_json(ckpt, capsys):
     assert code != 0 and "two quantizations" in err and "Traceback" not in err
 
 
+def test_auto_weights_reads_blocks_only_where_they_serve(ckpt, tmp_path, capsys):
+    from cee_gen.weights.loading import auto_weights
+
+    cpu_ = torch.device("cpu")
+    assert cee_gen.load_model(ckpt, device="cpu").weights.lowbit is None  # an HF checkpoint: its floats
+    assert auto_weights(None, "auto", cpu_, "8bit", None) == "fp"  # bitsandbytes
+    assert auto_weights(None, "bfloat16", cpu_, "none", None) == "fp"
+    assert auto_weights(None, "auto", None, "none", "cpu=2,cpu=2") == "fp"  # a device map
+    assert auto_weights(ckpt, "auto", cpu_, "none", None) == "fp"
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "q5.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    x = np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32)
+    w.add_tensor("blk.0.attn_q.weight", gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q5_0),
+                 raw_dtype=gguf.GGMLQuantizationType.Q5_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert auto_weights(str(path), "auto", cpu_, "none", None) == "fp"
+    err = capsys.readouterr().err
+    assert "Q5_0 blocks" in err and "weights fp" in err
+
+
 # ---- the default model's GGUF, read in its own blocks ----
+
+
+@pytest.mark.default_model
+def test_the_default_model_loads_in_its_gguf_blocks_by_default():
+    m = cee_gen.load_model(None, device="cpu")
+    assert m.weights.lowbit == "gguf q4_1+q8_0"
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ sizes; resident memory after warm-up against the end. A leak (a cache that keeps
 that grows per call) shows as growth; the bound is 5 %.
 
     python -m cee_gen.bench.soak                    # default model, shipped heads, 1,000 generations
-    python -m cee_gen.bench.soak --weights gguf --out benchmarks/results/soak_cpu.jsonl
+    python -m cee_gen.bench.soak --weights fp --out benchmarks/results/soak_cpu.jsonl
 
 Writes one JSON line (appended to --out): resident memory (current, from /proc, not the peak) after the
 warm-up rounds and at the end, the growth, and the time taken. tests/test_fuzz.py runs the same soak on
@@ -77,7 +77,7 @@ def soak(model, heads: str | None, rounds: int = 1000, warm: int = 100, new_toke
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint (default: the default model)")
-    ap.add_argument("--weights", default="fp", help="as cee-generate --weights")
+    ap.add_argument("--weights", default="auto", help="as cee-generate --weights (auto: the default)")
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--warm", type=int, default=100)
     ap.add_argument("--out", type=Path, default=None, help="append the record to this JSON Lines file")

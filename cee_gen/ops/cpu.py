@@ -46,8 +46,8 @@ LINEAR_F32_SCHEMA = "linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor"
 LINEAR_Q_SCHEMA = "linear_q(Tensor x, Tensor qs, Tensor d, Tensor? m, str fmt, Tensor? bias) -> Tensor"
 LAYER_SCHEMA = ("layer(Tensor h, Tensor?[] w, str fmts, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
                 "Tensor sin, Tensor slots, Tensor? rows, Tensor mask, int n_heads, int n_kv_heads, "
-                "float eps, Tensor? fill_h, Tensor? fill_slots, Tensor? fill_cos, Tensor? fill_sin) "
-                "-> Tensor")
+                "float eps, Tensor? fill_h, Tensor? fill_slots, Tensor? fill_cos, Tensor? fill_sin, "
+                "Tensor[] lr, int[] lr_meta) -> Tensor")
 
 
 def linear_f32_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -76,7 +76,7 @@ def _(x, qs, d, m, fmt, bias):
 
 @torch.library.register_fake("cee_cpu::layer", lib=_lib)
 def _(h, w, fmts, k_cache, v_cache, cos, sin, slots, rows, mask, n_heads, n_kv_heads, eps, fill_h, fill_slots,
-      fill_cos, fill_sin):
+      fill_cos, fill_sin, lr, lr_meta):
     return torch.empty_like(h)
 
 

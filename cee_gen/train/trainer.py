@@ -181,7 +181,8 @@ def train(cfg: TrainConfig, progress=lambda msg: print(msg, file=sys.stderr), qu
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     acc = Accel(cfg.device, cfg.mixed_precision, cfg.grad_accum)
-    model = cee_gen.load_model(cfg.model, dtype="float32", device=str(acc.device))
+    # floats: the backbone's LoRA and gradients need them (GGUF blocks are for inference)
+    model = cee_gen.load_model(cfg.model, dtype="float32", device=str(acc.device), weights="fp")
     net, L = model.net, model.n_layers
     net.requires_grad_(False)
     layers = ExitConfig(exit_layers=cfg.exit_layers).candidates(L, list(range(1, L)))

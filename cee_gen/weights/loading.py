@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from cee_gen.errors import CeeGenError, ModelLoadError, one_line
 from cee_gen.model import ModelArgs, Transformer
 from cee_gen.ops import flash
 from cee_gen.ops.lowbit import FORMATS
-from cee_gen.weights import lowbit, placement
+from cee_gen.weights import gguf_file, lowbit, placement
 from cee_gen.weights.provenance import Provenance
 from cee_gen.weights.quant import quantize_
 
@@ -103,6 +104,32 @@ def resolve_checkpoint(name_or_path: str | None) -> Path:
         raise ModelLoadError(f"model path {name_or_path!r} does not exist: pass an existing "
                              "checkpoint folder or .gguf file, or leave the model out for the default one")
     return _download_from_hub(name_or_path)
+
+
+def auto_weights(name_or_path: str | None, dtype: str, dev: torch.device | None, quantize: str,
+                 device_map: str | None) -> str:
+    """What weights="auto" loads: "gguf" (a GGUF's own blocks: the same weights as its floats, the same
+    logits, a fifth of the bytes) for the default model or a .gguf file, on the CPU in float32, with the
+    CPU kernels built and every block type one they read; "fp" otherwise (a GPU, bfloat16, bitsandbytes,
+    a device map, an HF checkpoint, a file with other block types: said on stderr)."""
+    from cee_gen.ops import cpu
+
+    if quantize != "none" or device_map is not None or dev is None or dev.type != "cpu" \
+            or resolve_dtype(dtype, dev) != torch.float32:
+        return "fp"
+    if name_or_path is not None and not (Path(name_or_path).expanduser().is_file()
+                                         and name_or_path.endswith(".gguf")):
+        return "fp"
+    if not cpu.load():  # the kernels did not build (cpu.load warned why): floats through torch
+        return "fp"
+    path = resolve_gguf(name_or_path)
+    others = sorted({kind.name for kind, *_ in gguf_file.gguf_tensor_index(path).values()}
+                    - {"F32", "F16", *(f.upper() for f in FORMATS)})
+    if others:
+        print(f"cee-gen: {path.name} holds {', '.join(others)} blocks, which the CPU kernels do not read: "
+              "loading its floats (weights fp)", file=sys.stderr)
+        return "fp"
+    return "gguf"
 
 
 def resolve_gguf(name_or_path: str | None) -> Path:
@@ -236,11 +263,11 @@ def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: to
 
 def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
                device: str = "auto", quantize: str = "none", attention: str = "auto",
-               device_map: str | None = None, weights: str = "fp") -> Model:
+               device_map: str | None = None, weights: str = "auto") -> Model:
     """Load a model: None = the embedded default model (SmolLM2-135M-Instruct).
 
     weights fp / gguf / q8_0 / q4_1 / q4_0: floats, a GGUF's own blocks, or RTN-quantized blocks, for
-    the CPU (weights/lowbit.py).
+    the CPU (weights/lowbit.py); auto: gguf where it serves (auto_weights), else fp.
     quantize 8bit / 4bit: the decoder layers' weights through bitsandbytes (weights/quant.py).
     attention auto / sdpa / flash: the attention kernel (ops/flash.py).
     device_map auto or DEV=N,...: layers split across devices (weights/placement.py); `device` is
@@ -248,6 +275,8 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     LoadConfig(model=name_or_path, dtype=dtype, device=device, quantize=quantize,
                attention=attention, device_map=device_map, weights=weights).validate()
     dev = resolve_device(device) if device_map is None else None
+    if weights == "auto":
+        weights = auto_weights(name_or_path, dtype, dev, quantize, device_map)
     if weights != "fp":
         lowbit.check_target(weights, resolve_dtype(dtype, dev), dev)
     gguf = resolve_gguf(name_or_path) if weights == "gguf" else None
@@ -314,7 +343,7 @@ def _no_random_init():
 def _build_gguf(args: ModelArgs, gguf: Path) -> Transformer:
     with torch.device("meta"), _no_random_init():
         net = Transformer(args)
-    lowbit.build_from_gguf(net, gguf)
+    gguf_file.build_from_gguf(net, gguf)
     from cee_gen.rope import rope_tables
 
     net.rope_cos, net.rope_sin = rope_tables(args, args.max_position_embeddings)

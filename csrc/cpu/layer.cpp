@@ -146,6 +146,56 @@ at::Tensor i64(const at::Tensor& t, const char* name) {
   return t.contiguous();
 }
 
+// A low-rank term beside a projection's blocks (a heads file's LoRA delta, weights/lowbit.py): rows
+// [r0, r0 + n) of y += (x A^T) sB^T, A (r, K), sB (n, r).
+struct LowRank {
+  int64_t proj, r0, n, r;
+  const float* A;
+  const float* sB;
+};
+constexpr int64_t kMaxRank = 256;
+
+std::vector<LowRank> parse_lowrank(at::TensorList lr, at::IntArrayRef meta, const Proj* const (&projs)[4]) {
+  TORCH_CHECK(lr.size() % 2 == 0 && meta.size() == lr.size(), kOp, ": lr holds (A, sB) pairs and lr_meta a "
+              "(projection, first row) pair for each");
+  std::vector<LowRank> out;
+  for (size_t i = 0; i < lr.size(); i += 2) {
+    const at::Tensor &A = lr[i], &sB = lr[i + 1];
+    const int64_t j = meta[i], r0 = meta[i + 1];
+    TORCH_CHECK(j >= 0 && j < 4, kOp, ": low-rank term of projection ", j, " (0..3)");
+    const Problem& p = projs[j]->p;
+    TORCH_CHECK(A.scalar_type() == at::kFloat && sB.scalar_type() == at::kFloat && A.is_contiguous() &&
+                    sB.is_contiguous() && A.dim() == 2 && sB.dim() == 2 && A.size(1) == p.K &&
+                    sB.size(1) == A.size(0) && A.size(0) <= kMaxRank && r0 >= 0 && r0 + sB.size(0) <= p.N,
+                kOp, ": low-rank term ", i / 2, " must be contiguous float32 A (r <= ", kMaxRank, ", ", p.K,
+                ") and sB (n, r) with rows [r0, r0 + n) inside the projection's ", p.N);
+    out.push_back({j, r0, sB.size(0), A.size(0), A.data_ptr<float>(), sB.data_ptr<float>()});
+  }
+  return out;
+}
+
+// y[m, c - c0] += the terms of projection j over output columns c in [c0, c1), for row m of x (ldx K)
+void add_lowrank(const std::vector<LowRank>& terms, int64_t j, const float* x, float* y, int64_t K,
+                 int64_t c0, int64_t c1) {
+  for (const LowRank& t : terms) {
+    const int64_t lo = std::max(t.r0, c0), hi = std::min(t.r0 + t.n, c1);
+    if (t.proj != j || lo >= hi) continue;
+    float u[kMaxRank];
+    for (int64_t a = 0; a < t.r; ++a) {
+      const float* Ar = t.A + a * K;
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += x[k] * Ar[k];
+      u[a] = acc;
+    }
+    for (int64_t c = lo; c < hi; ++c) {
+      const float* Br = t.sB + (c - t.r0) * t.r;
+      float acc = 0.0f;
+      for (int64_t a = 0; a < t.r; ++a) acc += u[a] * Br[a];
+      y[c - c0] += acc;
+    }
+  }
+}
+
 // Below this much weight-row x activation-row work a call stays on one thread (as linear.cpp's run()).
 constexpr int64_t kMinParallelWork = 1 << 16;
 
@@ -155,7 +205,7 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
                      const at::Tensor& slots_in, const std::optional<at::Tensor>& rows_in, const at::Tensor& mask,
                      int64_t H, int64_t Hkv, double eps_d, const std::optional<at::Tensor>& fill_h_in,
                      const std::optional<at::Tensor>& fill_slots_in, const std::optional<at::Tensor>& fill_cos_in,
-                     const std::optional<at::Tensor>& fill_sin_in) {
+                     const std::optional<at::Tensor>& fill_sin_in, at::TensorList lr, at::IntArrayRef lr_meta) {
   const at::Tensor h = f32(h_in, "h");
   TORCH_CHECK(h.dim() == 3, kOp, ": h must be (B, T, D), got ", h.sizes());
   const int64_t B = h.size(0), T = h.size(1), D = h.size(2), M = B * T;
@@ -181,6 +231,8 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
   const int64_t I = w13.p.N / 2;
   const Proj w2 = make_proj(w, 14, fmt[3], I, "w2");
   TORCH_CHECK(w2.p.N == D, kOp, ": w2 must have D=", D, " rows");
+  const Proj* projs[4] = {&qkv, &wo, &w13, &w2};
+  const std::vector<LowRank> terms = parse_lowrank(lr, lr_meta, projs);
 
   // where the queries sit: slots (T,) or (B, T), cache rows (B,), RoPE rows (1 or B, T, 1, hd), mask
   const at::Tensor slots = i64(slots_in, "slots");
@@ -277,6 +329,8 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
   float* vc = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const Proj fill_kv = qkv.rows(qsz, 2 * kvsz);
+  bool has_lr[4] = {false, false, false, false};
+  for (const LowRank& t : terms) has_lr[t.proj] = true;
 
   // y (rows, N) = x (rows, K) @ W^T: each thread takes a chunk of weight rows from a shared counter
   std::atomic<int64_t> next[5];
@@ -303,6 +357,13 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
 #pragma omp barrier
     product(qkv, xn, D, M, qkv_y, Nqkv, next[0]);  // 2. q, k, v; the fill columns' k, v
     product(fill_kv, fxn, D, F, fkv, 2 * kvsz, next[1]);
+    if (has_lr[0]) {
+#pragma omp barrier
+      for (int64_t r = tid; r < M + F; r += n) {
+        if (r < M) add_lowrank(terms, 0, xn + r * D, qkv_y + r * Nqkv, D, 0, Nqkv);
+        else add_lowrank(terms, 0, fxn + (r - M) * D, fkv + (r - M) * 2 * kvsz, D, qsz, Nqkv);
+      }
+    }
 #pragma omp barrier
     for (int64_t b = tid; b < B; b += n) {  // 3. RoPE, cache writes: a row's in order, fill first
       const int64_t r = row ? row[b] : b;
@@ -338,6 +399,10 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
 #pragma omp barrier
     product(wo, att, qsz, M, o_y, D, next[2]);  // 5. output projection
 #pragma omp barrier
+    if (has_lr[1]) {
+      for (int64_t r = tid; r < M; r += n) add_lowrank(terms, 1, att + r * qsz, o_y + r * D, qsz, 0, D);
+#pragma omp barrier
+    }
     for (int64_t r = tid; r < M; r += n) {  // 6. residual, FFN norm
       math.add(hp + r * D, o_y + r * D, h1 + r * D, D);
       math.rmsnorm(h1 + r * D, w_ffn_norm, xn2 + r * D, D, eps);
@@ -345,10 +410,18 @@ at::Tensor layer_cpu(const at::Tensor& h_in, const OptTensors& w, c10::string_vi
 #pragma omp barrier
     product(w13, xn2, D, M, gu, 2 * I, next[3]);  // 7. gate | up
 #pragma omp barrier
+    if (has_lr[2]) {
+      for (int64_t r = tid; r < M; r += n) add_lowrank(terms, 2, xn2 + r * D, gu + r * 2 * I, D, 0, 2 * I);
+#pragma omp barrier
+    }
     for (int64_t r = tid; r < M; r += n) math.silu_mul(gu + r * 2 * I, gu + r * 2 * I + I, act + r * I, I);
 #pragma omp barrier
     product(w2, act, I, M, d_y, D, next[4]);  // 8. down
 #pragma omp barrier
+    if (has_lr[3]) {
+      for (int64_t r = tid; r < M; r += n) add_lowrank(terms, 3, act + r * I, d_y + r * D, I, 0, D);
+#pragma omp barrier
+    }
     for (int64_t r = tid; r < M; r += n) math.add(h1 + r * D, d_y + r * D, op + r * D, D);
   }
   return out;
