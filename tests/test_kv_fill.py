@@ -66,3 +66,26 @@ def test_fill_at_full_depth_writes_nothing_and_bad_mode_is_rejected():
         assert all(torch.equal(x.nan_to_num(), y.nan_to_num()) for x, y in zip(cache.k, before))
         with pytest.raises(ValueError, match="unknown KV-fill mode"):
             KVFiller(net).fill(cache, h, 1, step, "nope")
+
+
+def test_a_decoders_kept_filler_follows_weights_changed_in_place():
+    """One KVFiller per model, kept between batches; a LoRA delta merged into the weights (in place)
+    makes a new one, whose fill is the per-layer projection of the new weights."""
+    from cee_gen.engine import Decoder
+
+    a, net = ours(*hf_model("gqa_tied"))
+    dec = Decoder(net)
+    first = dec.filler()
+    assert dec.filler() is first, "kept while the weights stay"
+    with torch.no_grad():
+        net.layers[1].attention.wqkv.weight[-1] += 0.5  # the last V row of layer 1
+        net.layers[-1].attention_norm.weight.mul_(1.5)
+    assert dec.filler() is not first
+    tokens = torch.randint(0, a.vocab_size, (1, 4))
+    with torch.no_grad():
+        cache, step, h = _exit_state(net, a, tokens, 1)
+        dec.filler().fill(cache, h, 1, step)
+        for j in (1, a.n_layers - 1):
+            k, v = expected_kv(net.layers[j], a, h, step, norm=True)
+            torch.testing.assert_close(cache.k[j][:, :, :4], k, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(cache.v[j][:, :, :4], v, atol=1e-4, rtol=1e-4)

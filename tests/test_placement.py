@@ -96,7 +96,7 @@ def test_each_layer_its_cache_and_its_fill_weights_go_to_the_segments_device(ckp
     cache = Decoder(net).new_cache(2, 16)
     assert [t.device for t in cache.k] == [t.device for t in cache.v] == [CPU, CPU, META, META]
     f = KVFiller(net)
-    assert [w.device for w in f.w_folded] == [CPU, META] and [w.shape[0] for w in f.w_folded] == [2, 2]
+    assert [w.device for w in f.stacks()[1]] == [CPU, META] and [w.shape[0] for w in f.stacks()[1]] == [2, 2]
 
 
 @pytest.mark.parametrize("mode", ["propagate", "copy-kv"])

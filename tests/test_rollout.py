@@ -9,7 +9,7 @@ from cee_gen.cache import StaticKVCache
 from cee_gen.engine import BatchTimings, Decoder, ExitRun, ExitStep
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.exits.strategies import Static
-from cee_gen.kv_fill import EagerFill
+from cee_gen.kv_fill import EagerFill, KVFiller
 from cee_gen.train.rollout import rollout
 
 
@@ -48,7 +48,7 @@ def test_rollout_with_fixed_exits_equals_inference_with_propagate_fill(model4):
         for t in range(P, 8):
             run = ExitRun(Static(depth[t], L), heads, "propagate")
             tm = BatchTimings()
-            out, _ = ExitStep(dec, run, EagerFill(net, "propagate", tm), tm)(
+            out, _ = ExitStep(dec, run, EagerFill(KVFiller(net), "propagate", tm), tm)(
                 cache, tokens[:, t:t + 1], [tokens[0, t].item()], t, pad, [0])
             infer_logits.append(out)
     for t in range(8):

@@ -1,12 +1,13 @@
 """A soak: many short generations in one process, across strategies, verify mode, sampling and batch
-sizes; resident memory after warm-up against the end. A leak (a cache that keeps every shape, a list
-that grows per call) shows as growth; the bound is 5 %.
+sizes; resident memory after warm-up against the end, sampled after each cycle of cases. A leak (a cache
+that keeps every shape, a list that grows per call) shows as growth; the bound is 5 %.
 
     python -m cee_gen.bench.soak                    # default model, shipped heads, 1,000 generations
     python -m cee_gen.bench.soak --weights fp --out benchmarks/results/soak_cpu.jsonl
 
-Writes one JSON line (appended to --out): resident memory (current, from /proc, not the peak) after the
-warm-up rounds and at the end, the growth, and the time taken. tests/test_fuzz.py runs the same soak on
+Writes one JSON line (appended to --out): resident memory (current, from /proc, not the peak, after a
+garbage collection) after the warm-up rounds and at the end, the growth, the largest sample, the
+trend over the samples, and the time taken. tests/test_fuzz.py runs the same soak on
 a tiny model.
 """
 
@@ -47,30 +48,46 @@ def exits(heads: str | None, n_layers: int) -> list:
 
 
 def soak(model, heads: str | None, rounds: int = 1000, warm: int = 100, new_tokens: int = 4) -> dict:
-    """`rounds` generate() calls cycling through exits() and batch sizes 1..4; memory after `warm`."""
+    """`rounds` generate() calls, every exit case at every batch size 1..4 in turn; resident memory
+    after `warm` rounds and then after each full cycle of cases x batch sizes (garbage collected first),
+    with the least-squares slope over those samples (MB per 100 rounds)."""
+    import gc
+
     import cee_gen
     from cee_gen import GenerationConfig
 
     cases = exits(heads, model.n_layers)
+    cycle = 4 * len(cases)
 
     def round_(i):
-        n = 1 + i % 4
+        n = 1 + (i // len(cases)) % 4  # each case meets every batch size
         cfg = GenerationConfig(max_new_tokens=new_tokens, batch_size=n, do_sample=i % 3 == 0, seed=i)
         res = cee_gen.generate(model, PROMPTS[:n], config=cfg, exit=cases[i % len(cases)])
         if len(res) != n:
             raise AssertionError(f"round {i}: {len(res)} results for {n} prompts")
 
+    def sample() -> float:
+        gc.collect()
+        return rss_mb()
+
     t = time.perf_counter()
     for i in range(warm):
         round_(i)
-    after_warm = rss_mb()
+    samples = [(warm, sample())]
     for i in range(warm, rounds):
         round_(i)
-    end = rss_mb()
+        if (i + 1 - warm) % cycle == 0 or i + 1 == rounds:
+            samples.append((i + 1, sample()))
+    after_warm, end = samples[0][1], samples[-1][1]
+    xs, ys = [x for x, _ in samples], [y for _, y in samples]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
     return {"rounds": rounds, "warm_rounds": warm, "new_tokens": new_tokens, "cases": len(cases),
             "rss_after_warmup_mb": round(after_warm, 1), "rss_end_mb": round(end, 1),
-            "growth_mb": round(end - after_warm, 1),
+            "rss_max_mb": round(max(ys), 1), "growth_mb": round(end - after_warm, 1),
             "growth_pct": round(100 * (end - after_warm) / after_warm, 2),
+            "slope_mb_per_100_rounds": round(100 * slope, 2), "samples": len(samples),
             "seconds": round(time.perf_counter() - t, 1)}
 
 

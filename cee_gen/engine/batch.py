@@ -65,10 +65,11 @@ class Batch:
         return self.done[b]
 
 
-def make_fill(kind: type, net, exit: ExitRun, batch: int, n_slots: int, pad: torch.Tensor, timings):
+def make_fill(kind: type, decoder: Decoder, exit: ExitRun, batch: int, n_slots: int, pad: torch.Tensor,
+              timings):
     """The exit step's KV fill of kind `kind` (kv_fill.fill_kind) for a batch."""
     if kind is DeferredFill:
-        return DeferredFill(net, batch, n_slots, pad)
+        return DeferredFill(decoder.net, batch, n_slots, pad)
     if kind is RecomputeFill:
         return RecomputeFill(batch, n_slots, timings)
-    return EagerFill(net, exit.kv_fill, timings)
+    return EagerFill(decoder.filler(), exit.kv_fill, timings)

@@ -21,6 +21,7 @@ import torch
 from cee_gen.cache import StaticKVCache
 from cee_gen.exits.heads import exit_logits, exit_policy
 from cee_gen.kv_fill import KVFiller
+from cee_gen.kv_fill.eager import weights_key
 from cee_gen.model import Transformer, run_layer, run_layer_columns
 from cee_gen.ops import cpu
 
@@ -91,9 +92,7 @@ class Decoder:
         kv_fill None: the layers past depth need no fill (deferred, and no token runs them)."""
         filler = None
         if depth is not None and depth < self.net.args.n_layers and kv_fill is not None:
-            if self._filler is None:
-                self._filler = KVFiller(self.net)
-            filler = self._filler
+            filler = self.filler()
         slots = torch.tensor([slot], device=tok.device)
         # Compiled: attend over the whole cache (its slot dimension is dynamic, see new_cache).
         # Eager: attend only over the filled slots, which saves reading the empty tail.
@@ -105,6 +104,13 @@ class Decoder:
             if self.graphs:
                 out = out.clone()  # the graph's output buffer is overwritten by the next replay
         return out
+
+    def filler(self) -> KVFiller:
+        """The eager KV fill's filler for this model: kept between steps and batches (it holds copies of
+        the K/V weights), made again when those weights have changed (weights_key)."""
+        if self._filler is None or self._filler.key != weights_key(self.net):
+            self._filler = KVFiller(self.net)
+        return self._filler
 
     def compile_clock(self) -> CompileClock:
         """`with dec.compile_clock() as clock:` the compile time spent inside the block (torch.compile

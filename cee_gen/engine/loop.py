@@ -64,7 +64,7 @@ def generate_batch(
         fill_kind(exit.kv_fill, exit.deferred)
     if decoder.compiled and kind is CascadeModels:
         raise CeeGenError("compile does not work with a cascade over a second checkpoint (two models, "
-                          "each with its own catch-up shapes): drop --compile")
+                          "each with its own catch-up shapes): drop compile")
     # recompute and the cascade's catch-up pad their extra queries, and the deferred fill its
     # columns, to a scratch slot past every real one
     scratch = int(kind is not None and kind.needs_scratch)
@@ -82,7 +82,7 @@ def generate_batch(
     elif kind is CascadeModels:  # the small model reads the prompt too; the large one emits first
         next_step = CascadeModels(net, exit.small, exit.strategy, batch.tokens, pad, n_slots, pad_id, timings)
     else:
-        next_step = ExitStep(decoder, exit, make_fill(kind, net, exit, B, n_slots, pad, timings), timings)
+        next_step = ExitStep(decoder, exit, make_fill(kind, decoder, exit, B, n_slots, pad, timings), timings)
     compile_before = decoder.compile_s
     t1 = None
     last_depth: dict[int, int] = {}  # row -> layers run by the step that made its next token

@@ -206,7 +206,7 @@ class Verifier:
                        "exit": Pacer(self.max_draft, 0.7, False, self.source == "exit", B, bucket)}
         if self.use_exit:
             kind = fill_kind(self.exit.kv_fill, self.exit.deferred)
-            self.fill = make_fill(kind, net, self.exit, B, n_slots, batch.pad, tm)
+            self.fill = make_fill(kind, self.dec, self.exit, B, n_slots, batch.pad, tm)
             self.drafter = ExitStep(self.dec, self.exit, self.fill, tm)
             self.drafter.trace = []
         t0 = time.perf_counter()

@@ -28,24 +28,36 @@ FILL_MODES = ("propagate", "propagate-raw", "copy-kv")  # the modes filled at th
 
 
 class KVFiller:
-    """Writes the skipped layers' K/V of exit states, for every segment of a (possibly split) model."""
+    """Writes the skipped layers' K/V of exit states, for every segment of a (possibly split) model.
+
+    `propagate` reads stacked copies of every layer's K/V weights (n, 2kv, D), made on first use and
+    kept: callers keep one KVFiller per model (Decoder.filler) while `key` still matches the weights
+    (weights_key), rather than one per batch (two ~25 MB copies for SmolLM2, made and freed each time)."""
 
     def __init__(self, net: Transformer):
         a = net.args
         self.net, self.kv = net, a.n_kv_heads * a.head_dim
-        q = a.n_heads * a.head_dim
-        dt = net.dtype
+        self.key = weights_key(net)
         # one stack per run of layers on one device (placement.py); one run when the model is not split
         self.segments = net.segments or [(0, a.n_layers, net.device)]
-        self.w_raw, self.w_folded, self.bias = [], [], []
-        for lo, hi, _ in self.segments:
-            blocks = net.layers[lo:hi]
-            w = torch.stack([dense_weight(blk.attention.wqkv, dt)[q:] for blk in blocks])  # (n, 2kv, D)
-            g = torch.stack([blk.attention_norm.weight for blk in blocks])  # (n, D)
-            self.w_raw.append(w)
-            self.w_folded.append(w * g[:, None, :])  # (n, 2kv, D): RMSNorm weight folded in
-            bias = [blk.attention.wqkv.bias for blk in blocks]
-            self.bias.append(None if bias[0] is None else torch.stack([b[q:] for b in bias]))  # (n, 2kv)
+        self._stacks: tuple[list, list, list] | None = None  # (raw, folded, bias) per segment
+
+    def stacks(self) -> tuple[list, list, list]:
+        """Per segment: K/V weights (n, 2kv, D), the same with RMSNorm's weight folded in, biases (n, 2kv)."""
+        if self._stacks is None:
+            net = self.net
+            q, dt = net.args.n_heads * net.args.head_dim, net.dtype
+            raw, folded, biases = [], [], []
+            for lo, hi, _ in self.segments:
+                blocks = net.layers[lo:hi]
+                w = torch.stack([dense_weight(blk.attention.wqkv, dt)[q:] for blk in blocks])  # (n, 2kv, D)
+                g = torch.stack([blk.attention_norm.weight for blk in blocks])  # (n, D)
+                raw.append(w)
+                folded.append(w * g[:, None, :])  # (n, 2kv, D): RMSNorm weight folded in
+                bias = [blk.attention.wqkv.bias for blk in blocks]
+                biases.append(None if bias[0] is None else torch.stack([b[q:] for b in bias]))  # (n, 2kv)
+            self._stacks = raw, folded, biases
+        return self._stacks
 
     def fill(self, cache, h: torch.Tensor, exit_layer: int, step: Step, mode: str = "propagate"):
         """Write K/V of layers [exit_layer, L) at the step's rows and slots from exit states h (B, T, D)."""
@@ -75,9 +87,29 @@ class KVFiller:
                 if first < hi:
                     ops.kv_copy(r, sl, None, first - lo, k[lo:hi], v[lo:hi])
                 continue
-            w = (self.w_folded if mode == "propagate" else self.w_raw)[s]
-            ops.kv_fill(x.to(dev), w, self.bias[s], cos.to(dev), sin.to(dev), r, sl, None, first - lo,
+            raw, folded, bias = self.stacks()
+            w = (folded if mode == "propagate" else raw)[s]
+            ops.kv_fill(x.to(dev), w, bias[s], cos.to(dev), sin.to(dev), r, sl, None, first - lo,
                         k[lo:hi], v[lo:hi], a.norm_eps, mode == "propagate")
+
+
+def weights_key(net: Transformer) -> tuple:
+    """What a KVFiller's copies come from: each layer's qkv projection and attention norm, with their
+    versions. An in-place change (a heads file's LoRA delta merged into the weights) bumps a tensor's
+    version; GGUF blocks (weights/lowbit.QuantLinear) keep deltas as low-rank terms, counted instead."""
+    key = []
+    for blk in net.layers:
+        m = blk.attention.wqkv
+        w = getattr(m, "weight", None)
+        key.append((m, _version(w), len(getattr(m, "lowrank", ())), _version(blk.attention_norm.weight)))
+    return tuple(key)
+
+
+def _version(t) -> int | None:
+    try:
+        return t._version if isinstance(t, torch.Tensor) else None
+    except RuntimeError:  # an inference tensor has no version counter, and cannot be changed in place
+        return None
 
 
 class EagerFill:
@@ -86,8 +118,8 @@ class EagerFill:
 
     needs_scratch = False
 
-    def __init__(self, net: Transformer, mode: str, timings):
-        self.filler, self.mode, self.tm = KVFiller(net), mode, timings
+    def __init__(self, filler: KVFiller, mode: str, timings):
+        self.filler, self.mode, self.tm = filler, mode, timings
 
     def begin(self, st: Running) -> None:
         pass
