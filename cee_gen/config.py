@@ -82,10 +82,10 @@ class LoadConfig:
                               "bitsandbytes, for the GPU)")
         if self.device_map is not None and self.weights not in ("fp", "auto"):
             raise CeeGenError(f"weights {self.weights} with a device map is not supported: low-bit weights "
-                              "run on one CPU (drop --device-map)")
+                              "run on one CPU (drop device_map)")
         if self.device_map is not None and self.quantize != "none":
             raise CeeGenError("quantize with a device map is not supported: quantize to fit one GPU "
-                              "(drop --device-map), or split the full-precision model (drop --quantize)")
+                              "(drop device_map), or split the full-precision model (use quantize none)")
         return self
 
 
@@ -223,25 +223,25 @@ class ExitConfig:
                     "cascade_model (a second checkpoint), not both")
         elif s in ("static", "cascade"):
             if not isinstance(self.exit_layer, int) or self.exit_layer < 1:
-                bad(f"exit {s} needs exit_layer, a positive number of layers (--exit-layer K)"
-                    + (", or cascade_model (--cascade-model PATH)" if s == "cascade" else ""))
+                bad(f"exit {s} needs exit_layer K, a positive number of layers"
+                    + (", or cascade_model PATH" if s == "cascade" else ""))
             if L is not None and self.exit_layer > L:
                 bad(f"exit_layer {self.exit_layer} is deeper than the model's {L} layers: use 1..{L}")
             if s == "cascade" and L is not None and self.exit_layer >= L:
                 bad(f"cascade needs a small model shallower than the model: exit_layer 1..{L - 1}")
         elif self.exit_layer is not None:
             bad(f"exit_layer is for the static and cascade strategies, not {s}: use exit_layers "
-                "(--exit-layers) to choose candidate layers")
+                "to choose candidate layers")
         if self.fill_timing == "deferred" and self.fill != "propagate":
             bad(f"fill_timing deferred is a way to run kv_fill propagate, not {self.fill}: use "
-                "--kv-fill propagate, or drop --fill-timing")
+                "kv_fill propagate, or drop fill_timing")
         if self.verify:
             self._validate_verify(bad)
         elif self.draft is not None or self.max_draft is not None:
-            bad("draft and max_draft are for verify mode: add --verify (verify=True), or drop them")
+            bad("draft and max_draft are for verify mode: add verify, or drop them")
         if s == "cascade" and self.kv_fill not in (None, "recompute") and not self.verify:
             bad("cascade always catches the large model up on the tokens it skipped (kv_fill "
-                f"recompute), not {self.kv_fill}: drop --kv-fill")
+                f"recompute), not {self.kv_fill}: drop kv_fill")
         if self.threshold is not None:
             t = self.threshold
             if not isinstance(t, (int, float)) or not math.isfinite(t):
@@ -257,16 +257,16 @@ class ExitConfig:
         if not isinstance(self.min_exit_layer, int) or self.min_exit_layer < 1:
             bad(f"min_exit_layer must be a positive integer, got {self.min_exit_layer!r}")
         if s == "full" and not self.verify and (self.kv_fill is not None or self.fill_timing != "auto"):
-            bad("exit full runs every layer of every token, so there is no KV to fill: drop --kv-fill "
-                "and --fill-timing, or choose an exit strategy (--exit policy, confidence, ...)")
+            bad("exit full runs every layer of every token, so there is no KV to fill: drop kv_fill "
+                "and fill_timing, or choose an exit strategy (exit policy, confidence, ...)")
         if L is not None and s not in ("full", "static", "cascade"):
             if self.min_exit_layer >= L:
                 bad(f"min_exit_layer {self.min_exit_layer} leaves no layer to exit at on this "
-                    f"{L}-layer model (a token exits after 1..{L - 1} layers): lower --min-exit-layer")
+                    f"{L}-layer model (a token exits after 1..{L - 1} layers): lower min_exit_layer")
             if self.exit_layers is not None and not self.candidates(L, list(range(1, L))):
                 bad(f"no exit layer of exit_layers {self.exit_layers!r} is at or past min_exit_layer "
-                    f"{self.min_exit_layer}: exits would never happen; lower --min-exit-layer or pick "
-                    "deeper --exit-layers")
+                    f"{self.min_exit_layer}: exits would never happen; lower min_exit_layer or pick "
+                    "deeper exit_layers")
         if self.exit_layers is not None and L is not None:
             self.candidates(L, list(range(1, L)))  # parse errors surface now
         return self
@@ -280,18 +280,18 @@ class ExitConfig:
             bad("ngram must be a positive integer (the longest n-gram prompt lookup matches), got "
                 f"{self.ngram!r}")
         if self.draft_source == "exit" and s == "full":
-            bad("draft exit needs an exit strategy to draft from (--exit policy, confidence, static, ...), "
-                "not full: use --draft ngram or auto with --exit full")
+            bad("draft exit needs an exit strategy to draft from (exit policy, confidence, static, ...), "
+                "not full: use draft ngram or auto with exit full")
         if self.cascade_model is not None:
             bad("verify does not draft from a second checkpoint (cascade_model): draft from the model's "
-                "own exits with --exit cascade --exit-layer K, or drop --verify")
+                "own exits with exit cascade and exit_layer K, or drop verify")
         if self.kv_fill == "recompute":
             bad("verify makes the output exact, so the recompute fill only slows the drafts: drop "
-                "--kv-fill recompute (the drafts' skipped layers are filled by propagate)")
+                "kv_fill recompute (the drafts' skipped layers are filled by propagate)")
         if self.draft_source == "ngram" or s == "full":
             if self.kv_fill is not None or self.fill_timing != "auto":
-                bad("verify with n-gram drafts runs no early exits, so --kv-fill and --fill-timing do "
-                    "nothing: drop them, or draft from exits (--draft exit or auto with an --exit strategy)")
+                bad("verify with n-gram drafts runs no early exits, so kv_fill and fill_timing do "
+                    "nothing: drop them, or draft from exits (draft exit or auto with an exit strategy)")
 
     @property
     def draft_source(self) -> str | None:

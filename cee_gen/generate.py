@@ -44,7 +44,7 @@ def encode_prompt(model: Model, prompt: str, chat: bool | None) -> list[int]:
     use_chat = bool(getattr(tok, "chat_template", None)) if chat is None else chat
     if use_chat:
         if not getattr(tok, "chat_template", None):
-            raise CeeGenError(f"{model.name} has no chat template: pass chat=False (--raw) to feed "
+            raise CeeGenError(f"{model.name} has no chat template: turn chat off to feed "
                               "the prompt as plain text")
         text = tok.apply_chat_template([{"role": "user", "content": prompt}],
                                        add_generation_prompt=True, tokenize=False)
@@ -107,7 +107,7 @@ def shipped_heads(model: Model, name: str | None = None) -> str:
     if path is None or not path.is_file():
         raise CeeGenError(f"exit policy needs trained policy heads and none ship for {model.name}: make "
                           f"them with `cee-train --model {model.name} --out heads.safetensors` and pass "
-                          "--heads heads.safetensors")
+                          "that file as heads")
     return str(path)
 
 
@@ -246,7 +246,7 @@ def generate(
         generator.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     if cfg.compile and model.weights.quantized:
         raise CeeGenError(f"compile does not support {model.weights.quantized} (bitsandbytes) weights: drop "
-                          "--compile or load with quantize none")
+                          "compile or load with quantize none")
     decoder = _decoder(model, cfg.compile, cfg.compile_mode)
     results: list[GenerationResult] = []
     for start in range(0, len(encoded), cfg.batch_size):

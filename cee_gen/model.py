@@ -54,6 +54,10 @@ class ModelArgs:
         if rope_type not in ("default", "linear", "llama3"):
             raise CeeGenError(f"RoPE scaling {rope_type!r} is not supported: cee-gen supports "
                               "default, linear and llama3")
+        ctx = cfg.max_position_embeddings
+        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        if window:  # attention over the whole context equals the windowed one up to the window's length
+            ctx = min(ctx, window)
         qwen_style = cfg.model_type == "qwen2"
         attn_bias = bool(getattr(cfg, "attention_bias", False))
         return cls(
@@ -67,7 +71,7 @@ class ModelArgs:
             norm_eps=cfg.rms_norm_eps,
             rope_theta=float(theta),
             rope_scaling=None if rope_type == "default" else rope,
-            max_position_embeddings=cfg.max_position_embeddings,
+            max_position_embeddings=ctx,
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=qwen_style or attn_bias,
             o_bias=attn_bias and not qwen_style,

@@ -193,7 +193,7 @@ def test_cli_attention_flash_on_the_cpu_is_a_one_line_error(tiny_dir, capsys):
         main(["--model", str(tiny_dir), "--device", "cpu", "--attention", "flash", "hi"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "CUDA only" in err and "--attention auto or sdpa" in err
+    assert "\n" not in err and "CUDA only" in err and "attention auto or sdpa" in err
 
 
 # ---- GPU, flash-attn installed -------------------------------------------------------------------

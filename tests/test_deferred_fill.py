@@ -50,7 +50,7 @@ def test_propagate_defaults_to_the_deferred_fill_and_other_modes_to_eager():
 
 @pytest.mark.parametrize("kv_fill", ["copy-kv", "propagate-raw", "recompute"])
 def test_deferred_timing_with_another_fill_mode_names_the_fix(kv_fill):
-    with pytest.raises(CeeGenError, match="--kv-fill propagate"):
+    with pytest.raises(CeeGenError, match="use kv_fill propagate"):
         ExitConfig(strategy="policy", kv_fill=kv_fill, fill_timing="deferred").validate(4)
     with pytest.raises(CeeGenError, match="unknown fill_timing"):
         ExitConfig(strategy="policy", fill_timing="later").validate(4)

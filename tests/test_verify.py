@@ -257,9 +257,9 @@ def test_verify_sampling_has_the_full_models_next_token_distribution(tmp_path_fa
 @pytest.mark.parametrize("ex, words", [
     (dict(strategy="full", verify=True, draft="exit"), "draft exit needs an exit strategy"),
     (dict(verify=True, max_draft=0), "max_draft must be a positive integer"),
-    (dict(draft="ngram"), "add --verify"),
-    (dict(max_draft=4), "add --verify"),
-    (dict(strategy="confidence", verify=True, kv_fill="recompute"), "drop --kv-fill recompute"),
+    (dict(draft="ngram"), "add verify"),
+    (dict(max_draft=4), "add verify"),
+    (dict(strategy="confidence", verify=True, kv_fill="recompute"), "drop kv_fill recompute"),
     (dict(verify=True, draft="ngram", kv_fill="copy-kv"), "runs no early exits"),
     (dict(verify=True, fill_timing="eager"), "runs no early exits"),
     (dict(strategy="cascade", cascade_model="x", verify=True), "second checkpoint"),
@@ -273,7 +273,7 @@ def test_bad_verify_settings_are_one_line_errors_that_name_the_fix(ex, words):
 @pytest.mark.parametrize("argv, words", [
     (["--verify", "--draft", "exit"], "draft exit needs an exit strategy"),
     (["--verify", "--max-draft", "0"], "max_draft must be a positive integer"),
-    (["--draft", "ngram"], "add --verify"),
+    (["--draft", "ngram"], "add verify"),
 ])
 def test_cli_bad_verify_flags_are_one_line_errors(model4, capsys, argv, words):
     code, out, err = run_cli(["--model", str(model4.path), *argv, "hi"], capsys)

@@ -61,7 +61,7 @@ def choose(requested: str, device: torch.device, dtype: torch.dtype, head_dim: i
     if reason is None:
         return "flash"
     if requested == "flash":
-        raise CeeGenError(f"attention flash is not available: {reason}. Use --attention auto or sdpa")
+        raise CeeGenError(f"attention flash is not available: {reason}. Use attention auto or sdpa")
     return "sdpa"
 
 

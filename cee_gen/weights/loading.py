@@ -68,7 +68,7 @@ def resolve_device(device: str) -> torch.device:
         raise CeeGenError(f"unknown device {device!r}: use cpu, cuda, cuda:N or auto") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise CeeGenError(f"device {device!r} asked for, but this machine has no usable CUDA GPU: "
-                          "use --device cpu")
+                          "use device cpu")
     if dev.type not in ("cpu", "cuda"):
         raise CeeGenError(f"device type {dev.type!r} is not supported: use cpu or cuda")
     return dev

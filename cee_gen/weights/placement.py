@@ -74,7 +74,7 @@ def devices(spec: str, n_layers: int) -> list[torch.device]:
     if entries is None:
         if not torch.cuda.is_available():
             raise CeeGenError("device map auto splits the model across CUDA GPUs, and this machine has "
-                              "none: use --device cpu, or an explicit map such as cpu=30")
+                              "none: use device cpu, or an explicit map such as cpu=30")
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [d for d, _ in entries]
 
@@ -89,7 +89,7 @@ def balance(home_bytes: int, layer_bytes: int, n_layers: int, free: dict[int, in
         gib = 2 ** 30
         raise CeeGenError(f"the model needs {total / gib:.1f} GiB and the {len(gpus)} GPU(s) have "
                           f"{sum(caps) / gib:.1f} GiB to give (free memory less {RESERVE:.0%} for the "
-                          "KV cache): load it quantized to fit one GPU (--quantize 8bit or 4bit, no "
+                          "KV cache): load it quantized to fit one GPU (quantize 8bit or 4bit, no "
                           "device map), or write the map by hand to put some layers on the cpu")
     target = total / len(gpus)
     counts, left = [], n_layers
