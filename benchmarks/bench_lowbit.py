@@ -9,8 +9,8 @@ Engines: `hf` (transformers generate, fp32), `ours-fp` (fp32, the default eager 
 layer, csrc/cpu/layer.cpp), `ours-fp-compiled` (fp32, --compile: the layers through their modules,
 traced by Inductor), `ours-gguf` (the GGUF's own blocks: Q4_1 layers, Q8_0 head; the default eager
 path), `ours-q8_0` (every projection and the head RTN-quantized to Q8_0 from fp32), `llama.cpp`
-(llama-cpp-python on the same GGUF; benchmark-only: `pip install llama-cpp-python==0.3.36`, built from
-source, ~10 min; skipped with a message when absent).
+(llama-cpp-python 0.3.36 on the same GGUF; benchmark-only: `pip install -e ".[bench]"`, built from source,
+~10 min; skipped with a message when absent).
 
 Batch 1, greedy, exactly --new-tokens tokens (EOS ignored by every engine), the same prompt token ids
 for all; each timing is the whole call, prefill included, as llama.cpp's is. Each repeat runs every
@@ -141,7 +141,7 @@ def decode(args, gguf, common, cee_gen, Decoder, encode_prompt) -> list[dict]:
     unknown = set(engines) - set(ENGINES)
     if unknown:
         raise SystemExit(f"unknown engine(s) {', '.join(sorted(unknown))}: use {', '.join(ENGINES)}")
-    fp = cee_gen.load_model(None, device="cpu")
+    fp = cee_gen.load_model(None, device="cpu", weights="fp")  # explicit: the default is auto (gguf)
     prompts = [encode_prompt(fp, p, None) for p in PROMPTS[:args.prompts]]
     n = args.new_tokens
     runners, nets, skipped = {}, {"ours-fp": fp.net}, {}

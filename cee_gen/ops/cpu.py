@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from cee_gen.ops.lowbit import QuantWeight, linear_q_ref
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 SOURCES = ("linear.cpp", "linear_scalar.cpp", "linear_avx2.cpp", "linear_avx512.cpp", "layer.cpp",
            "layer_math.cpp")
+NAME = "cee_gen_cpu"  # the library's name, and its folder under TORCH_EXTENSIONS_DIR
 ISAS = ("scalar", "avx2", "avx512")  # index = the library's Isa enum
 
 LINEAR_F32_SCHEMA = "linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor"
@@ -87,17 +89,29 @@ _why_not: str | None = None  # why the kernels are not there, once tried
 
 
 def _build(verbose: bool) -> str:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     missing = [s for s in SOURCES if not (CSRC / s).exists()]
     if missing:
         raise RuntimeError(f"{CSRC} lacks {', '.join(missing)} (JIT builds need a source checkout)")
+    build_dir = Path(_get_build_directory(NAME, verbose=False))
+    if _stale(build_dir / f"{NAME}.so"):  # what torch will (re)compile: say so before the wait
+        print(f"cee-gen: building the CPU kernels (csrc/cpu/, ~1 min, once; cached in {build_dir})",
+              file=sys.stderr, flush=True)
     # -fopenmp: at::parallel_for's and layer.cpp's pragmas; libgomp.so.1 then resolves to the copy torch
     # already loaded. -fno-trapping-math: lets the compiler vectorize layer_math.inc's loops.
-    return load(name="cee_gen_cpu", sources=[str(CSRC / s) for s in SOURCES],
+    return load(name=NAME, sources=[str(CSRC / s) for s in SOURCES],
                 extra_cflags=["-O3", "-fopenmp", "-fno-trapping-math"], extra_ldflags=["-fopenmp"],
                 extra_include_paths=[str(CSRC)],
                 is_python_module=False, verbose=verbose)
+
+
+def _stale(lib: Path) -> bool:
+    """Whether the built library is missing or older than a source (torch then compiles it again)."""
+    if not lib.exists():
+        return True
+    built = lib.stat().st_mtime
+    return any(p.stat().st_mtime > built for p in CSRC.iterdir() if p.suffix in (".cpp", ".h", ".inc"))
 
 
 def load(verbose: bool = False) -> bool:
