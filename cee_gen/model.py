@@ -309,7 +309,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(a.dim, a.vocab_size, bias=False)
         if a.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        cos, sin = rope_tables(a, a.max_position_embeddings)
+        with torch.device("cpu"):  # real tables even when the module is built on the meta device (the
+            cos, sin = rope_tables(a, a.max_position_embeddings)  # loaders' way; meta ops load dynamo)
         self.register_buffer("rope_cos", cos, persistent=False)  # (P, hd) fp32
         self.register_buffer("rope_sin", sin, persistent=False)
         self.attn_impl = "sdpa"  # or "flash" (ops/flash.py), set by the loader

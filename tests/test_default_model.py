@@ -19,7 +19,26 @@ import pytest
 from cee_gen.errors import ModelLoadError
 from cee_gen.weights import default_model as dm
 
-FAKE_GGUF = b"GGUF not really a model"
+
+def _fake_gguf() -> bytes:
+    """A GGUF whose header reads (one 32-float tensor) but which is no model: the converters are faked."""
+    import tempfile
+
+    import gguf as gguf_py
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "fake.gguf"
+        w = gguf_py.GGUFWriter(str(path), "llama")
+        w.add_tensor("x", np.zeros(32, np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path.read_bytes()
+
+
+FAKE_GGUF = _fake_gguf()
 
 
 @pytest.fixture
@@ -190,7 +209,7 @@ def test_missing_user_gguf_raises_model_load_error(cache, tmp_path):
 
 def test_gguf_transformers_cannot_read_raises_one_line_error(cache, tmp_path):
     bad = tmp_path / "garbage.gguf"
-    bad.write_bytes(b"GGUF" + b"this is not a gguf file" * 10)
+    bad.write_bytes(FAKE_GGUF)  # a GGUF, but no model
     with pytest.raises(ModelLoadError, match="transformers cannot read") as e:
         dm.ensure_converted_gguf(bad, progress=lambda msg: None)
     assert "\n" not in str(e.value)
@@ -204,6 +223,11 @@ def test_a_file_that_is_no_gguf_is_refused_before_anything_is_said_or_written(ca
     with pytest.raises(ModelLoadError, match="is not a GGUF file") as e:
         dm.ensure_converted_gguf(bad, progress=said.append)
     assert "\n" not in str(e.value) and said == [] and not cache.exists()  # no lock file either
+    for cut in (0, 20, len(FAKE_GGUF) // 2):  # a GGUF cut short: refused the same way, in one line
+        bad.write_bytes(FAKE_GGUF[:cut] if cut else b"")
+        with pytest.raises(ModelLoadError, match="is not a GGUF file|damaged or truncated") as e:
+            dm.ensure_converted_gguf(bad, progress=said.append)
+        assert "\n" not in str(e.value) and said == [] and not cache.exists()
 
 
 def test_cached_model_files_get_the_usual_modes(cache, tmp_path, monkeypatch):
@@ -265,3 +289,28 @@ def test_converting_a_real_gguf_through_a_pipe_prints_only_our_plain_lines(tmp_p
     lines = r.stderr.strip().splitlines()
     assert lines and all(line.startswith("cee-gen: ") for line in lines), lines[:5]
     assert "\r" not in r.stderr and "it/s" not in r.stderr
+
+
+@pytest.mark.default_model
+def test_the_default_models_light_config_and_tokenizer_read_as_the_auto_classes_do(default_model):
+    """The default model's folder is read through transformers' generic config and fast-tokenizer classes
+    (the Auto ones import torch.distributed on the way: ~2 s of every one-shot run); both ways give the
+    same model arguments, EOS, padding, token ids and chat prompts."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cee_gen.model import ModelArgs
+    from cee_gen.weights.loading import _eos_ids
+
+    m, path = default_model, default_model.path
+    cfg, tok = AutoConfig.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    assert m.args == ModelArgs.from_hf_config(cfg)
+    assert m.eos_token_ids == _eos_ids(path, cfg, tok) and m.pad_token_id == tok.pad_token_id
+    assert m.meta["config"]["model_type"] == cfg.model_type == "llama"
+    texts = ["Give three tips for staying healthy.", " leading space", "Ünïcödé 漢字 🙂", "a\n\n b\t",
+             "<|im_start|>user\nHi<|im_end|>", ""]
+    for t in texts:
+        assert m.tokenizer(t).input_ids == tok(t).input_ids, t
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    assert m.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert m.tokenizer.decode(tok("Hello, world!").input_ids) == "Hello, world!"

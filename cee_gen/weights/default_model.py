@@ -106,6 +106,9 @@ def ensure_converted_gguf(gguf_path: str | os.PathLike, progress: Progress | Non
         if f.read(4) != b"GGUF":  # checked before anything is said, locked or cached
             raise ModelLoadError(f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic "
                                  "bytes): pass a .gguf model file, or a Hugging Face checkpoint folder")
+    from cee_gen.weights.gguf_file import gguf_tensor_index
+
+    gguf_tensor_index(gguf)  # a damaged or truncated file: one line, before anything is said or cached
     st = gguf.stat()
     # Path+size+mtime instead of a content hash: hashing a multi-GB GGUF on every run is too slow.
     key = hashlib.sha256(f"{gguf}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]

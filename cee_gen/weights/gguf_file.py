@@ -5,7 +5,9 @@ fused as the model fuses them."""
 
 from __future__ import annotations
 
+import functools
 import math
+import mmap
 import struct
 from pathlib import Path
 
@@ -56,51 +58,47 @@ def gguf_tensor_index(path: Path) -> dict:
     """name -> (GGMLQuantizationType, shape as torch orders it, bytes, offset in the file) of a GGUF
     file's tensors, from its header alone. gguf-py's GGUFReader gives the same, but it also turns every
     metadata value (the vocabulary, the merges) into numpy arrays on the way: ~130 MB at its peak for
-    the default model, which a one-shot run on its blocks does not otherwise need."""
+    the default model, which a one-shot run on its blocks does not otherwise need. Kept per file
+    (path, size, modification time): a load reads it twice (auto_weights, then the build)."""
+    try:
+        st = Path(path).stat()
+        return dict(_index(str(path), st.st_size, st.st_mtime_ns))
+    except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:
+        raise ModelLoadError(f"cannot read GGUF {path} ({one_line(e)}): the file is damaged or truncated; "
+                             "pass a complete .gguf file") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _index(path: str, size: int, mtime_ns: int) -> dict:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-    with open(path, "rb") as f:
-        head = f.read(24)
-        magic, version, n_tensors, n_kv = struct.unpack("<4sIQQ", head)
-        if magic != b"GGUF" or version < 2:
-            raise ValueError(f"not a GGUF v2+ file (magic {magic!r}, version {version})")
-        buf = f.read(1 << 20)
-        pos, base = 0, 24  # the next byte: buf[pos], at offset base + pos in the file
-
-        def need(n: int) -> None:  # the header is read in 1 MB pieces, as far as it goes
-            nonlocal buf, pos, base
-            while len(buf) - pos < n:
-                more = f.read(1 << 20)
-                if not more:
-                    raise ValueError("the header ends early")
-                buf, base, pos = buf[pos:] + more, base + pos, 0
+    if size < 24:
+        raise ValueError("the header ends early")
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        pos = 0
 
         def unpack(fmt: str):
             nonlocal pos
-            n = struct.calcsize("<" + fmt)
-            need(n)
-            out = struct.unpack_from("<" + fmt, buf, pos)
-            pos += n
+            out = struct.unpack_from("<" + fmt, mm, pos)
+            pos += struct.calcsize("<" + fmt)
             return out
 
         def string() -> str:
             nonlocal pos
             (n,) = unpack("Q")
-            need(n)
             pos += n
-            return bytes(buf[pos - n:pos]).decode()
+            if pos > size:
+                raise struct.error("a string runs past the end")
+            return mm[pos - n:pos].decode()
 
         def skip(vtype: int, count: int = 1) -> None:
             nonlocal pos
             if vtype in _SCALARS:
-                n = struct.calcsize(_SCALARS[vtype]) * count
-                need(n)
-                pos += n
-            elif vtype == 8:
+                pos += struct.calcsize(_SCALARS[vtype]) * count
+            elif vtype == 8:  # strings: (length u64, bytes), the vocabulary's ~50k of them
+                u64 = struct.Struct("<Q").unpack_from
                 for _ in range(count):
-                    (n,) = unpack("Q")
-                    need(n)
-                    pos += n
+                    pos += 8 + u64(mm, pos)[0]
             elif vtype == 9:
                 for _ in range(count):
                     etype, n = unpack("IQ")
@@ -108,27 +106,34 @@ def gguf_tensor_index(path: Path) -> dict:
             else:
                 raise ValueError(f"unknown metadata value type {vtype}")
 
-        alignment = 32
-        for _ in range(n_kv):
-            key = string()
-            (vtype,) = unpack("I")
-            if key == "general.alignment" and vtype == 4:
-                (alignment,) = unpack("I")
-            else:
-                skip(vtype)
-        tensors = []
-        for _ in range(n_tensors):
-            name = string()
-            (n_dims,) = unpack("I")
-            dims = unpack("Q" * n_dims)
-            kind, offset = unpack("IQ")
-            tensors.append((name, GGMLQuantizationType(kind), dims, offset))
-        start = base + pos
-        data = start + (-start) % alignment
+        try:
+            magic, version, n_tensors, n_kv = unpack("4sIQQ")
+            if magic != b"GGUF" or version < 2:
+                raise ValueError(f"not a GGUF v2+ file (magic {magic!r}, version {version})")
+            alignment = 32
+            for _ in range(n_kv):
+                key = string()
+                (vtype,) = unpack("I")
+                if key == "general.alignment" and vtype == 4:
+                    (alignment,) = unpack("I")
+                else:
+                    skip(vtype)
+            tensors = []
+            for _ in range(n_tensors):
+                name = string()
+                (n_dims,) = unpack("I")
+                dims = unpack("Q" * n_dims)
+                kind, offset = unpack("IQ")
+                tensors.append((name, GGMLQuantizationType(kind), dims, offset))
+        except struct.error:
+            raise ValueError("the header ends early") from None
+        data = pos + (-pos) % alignment
     out = {}
     for name, kind, dims, offset in tensors:
         block, type_bytes = GGML_QUANT_SIZES[kind]
         n_bytes = math.prod(dims) // block * type_bytes
+        if data + offset + n_bytes > size:
+            raise ValueError(f"tensor {name} runs past the end of the file")
         out[name] = (kind, tuple(reversed(dims)), n_bytes, data + offset)
     return out
 
@@ -143,10 +148,7 @@ class GGUFTensors:
 
     def __init__(self, path: Path):
         self.path = path
-        try:
-            self.info = gguf_tensor_index(path)
-        except (OSError, ValueError, UnicodeDecodeError, struct.error) as e:
-            raise ModelLoadError(f"cannot read GGUF {path} ({one_line(e)}): the file is damaged") from None
+        self.info = gguf_tensor_index(path)
 
     def __contains__(self, name: str) -> bool:
         return name in self.info

@@ -254,10 +254,6 @@ def build_transformer(args: ModelArgs, hf_sd: dict[str, torch.Tensor], dtype: to
                              f"unexpected {unexpected[:3]}")
     if args.tie_word_embeddings:
         net.output.weight = net.tok_embeddings.weight
-    # RoPE tables are not in the checkpoint: recompute them for real (they were built on meta).
-    from cee_gen.rope import rope_tables
-
-    net.rope_cos, net.rope_sin = rope_tables(args, args.max_position_embeddings)
     return net.to(device).eval().requires_grad_(False)
 
 
@@ -282,22 +278,13 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     gguf = resolve_gguf(name_or_path) if weights == "gguf" else None
     path = resolve_checkpoint(name_or_path)  # config and tokenizer (and the float weights unless gguf)
 
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        hf_cfg = AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read {path / 'config.json'} ({one_line(e)})") from None
+    hf_cfg = _read_config(path, own=name_or_path is None)
     args = ModelArgs.from_hf_config(hf_cfg)
     devs = [dev] if device_map is None else placement.devices(device_map, args.n_layers)
     dt = resolve_dtype(dtype, devs[0])
     some_cpu = any(d.type == "cpu" for d in devs)  # flash-attn serves only when every layer is on a GPU
     attn = flash.choose(attention, torch.device("cpu") if some_cpu else devs[0], dt, args.head_dim)
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise ModelLoadError(f"cannot load the tokenizer from {path} ({one_line(e)}): the folder needs "
-                             "tokenizer.json or tokenizer.model") from None
+    tok = _read_tokenizer(path, own=name_or_path is None)
     prov = Provenance()
     if gguf is not None:  # the file's own blocks: no float copy of the weights is ever made
         net = _build_gguf(args, gguf)
@@ -321,7 +308,38 @@ def load_model(name_or_path: str | None = None, *, dtype: str = "auto",
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
     name = name_or_path or "SmolLM2-135M-Instruct"
     return Model(net=net, tokenizer=tok, args=args, name=str(name), path=path, eos_token_ids=eos,
-                 pad_token_id=pad, meta={"config": hf_cfg.to_dict()}, weights=prov)
+                 pad_token_id=pad, meta={"config": {**hf_cfg.to_dict(), "model_type": hf_cfg.model_type}},
+                 weights=prov)
+
+
+# The Auto classes import the model family's modules, and through them torch.distributed: ~2 s of a
+# one-shot run. The default model's folder is cee-gen's own (its config.json written whole by transformers'
+# LlamaConfig, a tokenizer.json beside it), so the generic classes read it as they would
+# (tests/test_default_model.py compares both ways); any other checkpoint goes through the Auto classes,
+# which know its family's defaults.
+
+def _read_config(path: Path, own: bool):
+    from transformers import AutoConfig, PretrainedConfig
+
+    try:
+        if own:
+            d = json.loads((path / "config.json").read_text())
+            cfg = PretrainedConfig.from_dict(d)
+            cfg.model_type = d["model_type"]  # an instance attribute: the generic class has none
+            return cfg
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read {path / 'config.json'} ({one_line(e)})") from None
+
+
+def _read_tokenizer(path: Path, own: bool):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        return (PreTrainedTokenizerFast if own else AutoTokenizer).from_pretrained(path)
+    except Exception as e:
+        raise ModelLoadError(f"cannot load the tokenizer from {path} ({one_line(e)}): the folder needs "
+                             "tokenizer.json or tokenizer.model") from None
 
 
 @contextlib.contextmanager
@@ -344,9 +362,6 @@ def _build_gguf(args: ModelArgs, gguf: Path) -> Transformer:
     with torch.device("meta"), _no_random_init():
         net = Transformer(args)
     gguf_file.build_from_gguf(net, gguf)
-    from cee_gen.rope import rope_tables
-
-    net.rope_cos, net.rope_sin = rope_tables(args, args.max_position_embeddings)
     return net.eval().requires_grad_(False)
 
 
