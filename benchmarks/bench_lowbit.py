@@ -23,6 +23,11 @@ must be 1.0 (the same weights), llama.cpp quantizes its activations to 8 bits an
 GGUF, each as its own process, and reports peak resident memory (ru_maxrss), beside the import-only
 baseline (python -c "import torch, transformers, cee_gen").
 
+--quality runs `cee-bench`'s CPU preset at full depth (10 test rows per set, 32 tokens) with weights fp
+and each RTN format of --formats, and reports each format's ROUGE-L against fp32's on the same rows: the
+mean paired difference and its standard error, and how many rows give fp32's very tokens (the data:
+--data-dir or $CEE_GEN_DATA, docs/benchmarks.md).
+
 Output: JSON lines appended to --out (default benchmarks/results/lowbit_cpu.jsonl).
 """
 
@@ -104,6 +109,46 @@ def memory(gguf: Path, common: dict) -> list[dict]:
     return recs
 
 
+def quality(args, common: dict) -> list[dict]:
+    import tempfile
+
+    from cee_gen import data
+    from cee_gen.bench import metrics
+    from cee_gen.bench.config import BenchConfig
+    from cee_gen.bench.suite import run
+    from cee_gen.bench.summary import _texts_for_scoring
+
+    tmp = Path(tempfile.mkdtemp())
+    outputs = {}  # weights -> {(set, row): the journal's record}
+    for w in ["fp", *args.formats.split(",")]:
+        cfg = BenchConfig(preset="cpu", weights=w, strategies="", hf=False, base=False,
+                          data_dir=args.data_dir, out=str(tmp / f"{w}.jsonl")).resolved()
+        run(cfg, progress=False)
+        lines = [json.loads(x) for x in (tmp / f"{w}.rows.jsonl").read_text().splitlines()[1:]]
+        outputs[w] = {(r["dataset"], r["row"]): r for r in lines if r["split"] == "test"}
+        limit = cfg.limit
+    recs = []
+    for ds in ("alpaca", "dolly", "cnndm"):
+        refs = {r.id: r.reference for r in data.load_split(ds, "test", args.data_dir, limit=limit)}
+        score = {(w, r): 100 * metrics.rouge_f(_texts_for_scoring(ds, outputs[w][(ds, r)]["text"]),
+                                               refs[r])["rougeL"] for w in outputs for r in refs}
+        for w in args.formats.split(","):
+            diff = [score[w, r] - score["fp", r] for r in refs]
+            rec = {**common, "kind": "quality", "weights": w, "dataset": ds, "rows": len(refs),
+                   "new_tokens": cfg.new_tokens,
+                   "rougeL_fp": round(statistics.mean(score["fp", r] for r in refs), 2),
+                   "rougeL": round(statistics.mean(score[w, r] for r in refs), 2),
+                   "rougeL_delta": round(statistics.mean(diff), 2),
+                   "rougeL_delta_se": round(statistics.stdev(diff) / len(diff) ** 0.5, 2),
+                   "rows_identical_to_fp": sum(outputs[w][(ds, r)]["ids"] == outputs["fp"][(ds, r)]["ids"]
+                                               for r in refs)}
+            print(f"{w} {ds}: ROUGE-L {rec['rougeL']} vs fp {rec['rougeL_fp']} ({rec['rougeL_delta']:+.2f} "
+                  f"+- {rec['rougeL_delta_se']}), {rec['rows_identical_to_fp']}/{len(refs)} rows identical",
+                  file=sys.stderr)
+            recs.append(rec)
+    return recs
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--engines", default=",".join(ENGINES))
@@ -112,6 +157,9 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=2, help="use the first N prompts of bench_decode")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory", action="store_true", help="peak RSS of one-shot processes instead")
+    ap.add_argument("--quality", action="store_true", help="ROUGE-L of RTN formats against fp32 instead")
+    ap.add_argument("--formats", default="q8_0,q4_1", help="the RTN formats --quality compares with fp")
+    ap.add_argument("--data-dir", default=None, help="cee-bench's data folder, for --quality")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "lowbit_cpu.jsonl")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -127,6 +175,8 @@ def main(argv=None) -> None:
               "threads": args.threads, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if args.memory:
         records = memory(gguf, common)
+    elif args.quality:
+        records = quality(args, common)
     else:
         records = decode(args, gguf, common, cee_gen, Decoder, encode_prompt)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -232,6 +232,18 @@ def lowbit_table(recs: list[dict]) -> str:
                   *(_median_ratio(dec, secs, e, o) for o in ("ours-fp", "ours-fp-compiled", "llama.cpp"))]
                  for e in engines]),
     ]
+    qual = load_latest_run_of([r for r in recs if r["kind"] == "quality"] or [{"timestamp": None}])
+    if qual[0]["timestamp"] is not None:
+        q0 = qual[0]
+        lines += ["", f"Quality of RTN blocks: cee-bench's CPU preset at full depth ({q0['rows']} test rows "
+                  f"per set, {q0['new_tokens']} tokens), ROUGE-L F x100 against fp32's on the same rows "
+                  f"(mean paired difference +- standard error); commit `{q0['commit']}`, "
+                  f"{q0['timestamp']}:", "",
+                  *_table(["weights", "set", "ROUGE-L", "fp32", "difference", "rows with fp32's tokens"],
+                          [[r["weights"], NAMES.get(r["dataset"], r["dataset"]), f"{r['rougeL']:.2f}",
+                            f"{r['rougeL_fp']:.2f}",
+                            f"{r['rougeL_delta']:+.2f} +- {r['rougeL_delta_se']:.2f}",
+                            f"{r['rows_identical_to_fp']}/{r['rows']}"] for r in qual])]
     if mem[0]["timestamp"] is not None:
         lines += ["", f"Peak resident memory of one process, {mem[0]['new_tokens']} new tokens "
                   f"(ru_maxrss); commit `{mem[0]['commit']}`, {mem[0]['timestamp']}:", "",

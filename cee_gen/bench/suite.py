@@ -39,6 +39,7 @@ from cee_gen.bench.summary import calibrate, summarize
 from cee_gen.config import ExitConfig
 from cee_gen.errors import CeeGenError
 from cee_gen.files import write_text
+from cee_gen.progress import Progress
 
 IDENTITY_FIELDS = (
     "model",
@@ -305,10 +306,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         commit = git_commit()  # of the code that makes these outputs; summaries list every one
         say(f"{len(work)} (setting, row) runs to do, {len(journal.done)} done before; journal {journal_path}")
         warm = set()
-        from tqdm import tqdm
-
-        bar = tqdm(work, desc="cee-bench", unit="run", disable=not progress, file=sys.stderr)
-        for ds, split, row, text, s in bar:
+        bar = Progress(len(work), "cee-bench", "runs", lines=10, enabled=progress)
+        for ds, split, row, text, s in work:
             ids = encode_prompt(model, text, chat=False)
             if len(ids) + cfg.new_tokens > ctx:
                 raise CeeGenError(
@@ -318,11 +317,11 @@ def run(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             if s.label not in warm:  # warm-up, not recorded: first call of each setting in this process
                 runner.once(s, ids, text, 2)
                 warm.add(s.label)
-            bar.set_postfix_str(f"{ds}/{split} {s.label}", refresh=False)
             res = runner.run(s, ids, text)
             journal.add(
                 {"dataset": ds, "split": split, "setting": s.label, "row": row, **res, "commit": commit}
             )
+            bar.update(1, f"{ds}/{split} {s.label}")
         bar.close()
 
     common = {

@@ -34,6 +34,7 @@ from cee_gen.config import ExitConfig
 from cee_gen.errors import CeeGenError, one_line
 from cee_gen.exits.heads import ExitHeads
 from cee_gen.files import atomic_path, pyplot, save_figure
+from cee_gen.progress import Progress
 from cee_gen.train.accel import Accel
 from cee_gen.train.config import TrainConfig
 from cee_gen.train.stages import (
@@ -90,22 +91,18 @@ class _Log:
 
 
 class _Bar:
-    """A tqdm progress bar on stderr (off when `quiet`)."""
+    """Training progress on stderr (off when `quiet`): a bar on a terminal, a few plain lines elsewhere."""
 
     def __init__(self, quiet: bool):
         self.quiet, self.bar = quiet, None
 
     def start(self, total: int, desc: str):
-        from tqdm.auto import tqdm
-
         self.close()
-        self.bar = tqdm(total=total, desc=desc, disable=self.quiet, leave=False, dynamic_ncols=True)
+        self.bar = Progress(total, desc, "steps", enabled=not self.quiet)
 
     def update(self, n: int, postfix: str = ""):
         if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.update(n, postfix)
 
     def close(self):
         if self.bar is not None:
