@@ -97,12 +97,9 @@ def multiply_sum(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return y if bias is None else y + bias
 
 
-SMALL_M = 128  # rows up to which the CPU kernel beats MKL here (benchmarks/bench_cpu_linear.py)
-
-
 def linear(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
     """mod(x), for a plain Linear (bitsandbytes modules, weights/quant.py, compute their own) through:
-    - the CPU small-M kernel (ops/cpu.py) for fp32 on the CPU with up to SMALL_M rows, eager or
+    - the CPU small-M kernel (ops/cpu.py) for fp32 on the CPU with up to cpu.SMALL_M rows, eager or
       compiled, when no gradient is wanted and no hook watches the module (LoRA training): it reads
       the weights once for all rows, and a row's result does not depend on the other rows, so a
       verify pass over k positions gives the plain step's logits bit for bit;
@@ -110,7 +107,8 @@ def linear(x: torch.Tensor, mod: nn.Module) -> torch.Tensor:
     if type(mod) is not nn.Linear:
         return mod(x)
     w = mod.weight
-    if cpu.ready and x.is_cpu and x.dtype == w.dtype == torch.float32 and x.numel() <= SMALL_M * x.shape[-1] \
+    if cpu.ready and x.is_cpu and x.dtype == w.dtype == torch.float32 \
+            and x.numel() <= cpu.SMALL_M * x.shape[-1] \
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) \
             and not (mod._forward_hooks or mod._forward_pre_hooks):  # LoRA's training hooks: mod(x)
         return torch.ops.cee_cpu.linear_f32.default(x, w, mod.bias)

@@ -124,3 +124,24 @@ def test_no_color_show_exits_through_a_pipe_has_no_escape_codes(tmp_path):
     r = subprocess.run(cmd, shell=True, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert r.returncode == 0 and r.stdout.strip()
     assert "^[" not in r.stdout and ESC not in r.stdout, r.stdout[-1500:]
+
+
+@pytest.mark.slow
+@pytest.mark.default_model
+def test_every_readme_command_line_runs_from_a_temp_folder(tmp_path):
+    """Each `cee-generate` line of the README, as written (a few tokens only), from a folder that is not
+    the repository: status 0, an answer, no traceback. `--input prompts.jsonl` gets such a file there."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hi"}\n{"prompt": "Name a colour."}\n')
+    lines = [line.split("#")[0].strip() for line in (ROOT / "README.md").read_text().splitlines()
+             if line.startswith("cee-generate ") or "| cee-generate" in line]
+    assert len(lines) >= 10
+    for line in lines:
+        stdin = None
+        if "|" in line:  # echo "..." | cee-generate -
+            producer, line = line.split("|")
+            stdin = shlex.split(producer)[1] + "\n"
+        argv = shlex.split(line)[1:] + ["--max-new-tokens", "4"]
+        r = cli(argv, tmp_path, env={"NO_COLOR": "1"}, input=stdin)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, (line, r.stderr[-1500:])
+        assert r.stdout.strip() or "--output" in line, line
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2

@@ -321,6 +321,19 @@ def test_opcheck(fmt):
 
 
 @needs_kernels
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequant_kernel_gives_its_twins_weights_bit_for_bit(fmt):
+    """cee_cpu::dequant (long prefills' weights for MKL) against lowbit.dequantize, odd shapes, subnormal
+    and zero scales included; and the op's schema, fake kernel and dispatch (opcheck)."""
+    for i, (N, K) in enumerate([(1, 32), (7, 64), (33, 96), (200, 576), (7, 1536)]):
+        qw = lowbit.quantize(weights(N, K, seed=i), fmt)
+        qw.d[0, 0] = 2.0 ** -20  # a subnormal fp16 scale
+        qw.d[-1, -1] = 0.0
+        assert torch.equal(cpu.dequantize(qw), lowbit.dequantize(qw)), (N, K)
+    torch.library.opcheck(torch.ops.cee_cpu.dequant, (qw.qs, qw.d, qw.m, fmt))
+
+
+@needs_kernels
 def test_compiled_function_using_the_ops_matches_eager_without_graph_breaks():
     w1, w2 = weights(96, 64, seed=0), lowbit.quantize(weights(48, 96, seed=1), "q4_1")
     bias = torch.randn(48)

@@ -21,6 +21,7 @@ from conftest import (
 import cee_gen
 from cee_gen import ExitConfig
 from cee_gen.errors import CeeGenError
+from cee_gen.ops import cpu
 from cee_gen.ops.lowbit import FORMATS
 from cee_gen.weights import lowbit
 from cee_gen.weights.quant import dense_weight
@@ -50,7 +51,7 @@ def _lowbit_and_dense(ckpt: str, fmt: str):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_lowbit_model_computes_with_its_dequantized_weights(ckpt, fmt, monkeypatch):
-    monkeypatch.setattr(lowbit, "SMALL_M", 64)  # so that 2 x 70 rows take the chunked-dequantize path
+    monkeypatch.setattr(cpu, "SMALL_M", 64)  # so that 2 x 70 rows take the chunked-dequantize path
     q, d = _lowbit_and_dense(ckpt, fmt)
     full = cee_gen.load_model(ckpt, device="cpu")
     tokens = torch.randint(0, q.args.vocab_size, (2, 70), generator=torch.Generator().manual_seed(0))

@@ -9,6 +9,9 @@ gives, see csrc/cpu/linear.h) and do M rows of FMAs with it, on torch's own thre
         x (..., K) float32 @ w (N, K)^T + bias
     linear_q(Tensor x, Tensor qs, Tensor d, Tensor? m, str fmt, Tensor? bias) -> Tensor
         the same with W in a GGUF block format (q4_0, q4_1, q8_0), laid out as lowbit.QuantWeight
+    dequant(Tensor qs, Tensor d, Tensor? m, str fmt) -> Tensor
+        the (N, K) fp32 weights of such blocks, as the kernels dequantize them (long prefills hand
+        them to MKL a chunk of rows at a time); its twin is lowbit.dequantize
     layer(Tensor h, Tensor?[] w, str fmts, Tensor(a!) k_cache, Tensor(b!) v_cache, ...) -> Tensor
         one whole decoder layer for a few query rows (decode steps, verify passes), in one parallel
         region; its twin is model.Block's own forward (see `layer` below, csrc/cpu/layer.cpp)
@@ -41,11 +44,13 @@ from cee_gen.ops.lowbit import QuantWeight, linear_q_ref
 CSRC = Path(__file__).resolve().parents[2] / "csrc" / "cpu"
 SOURCES = ("linear.cpp", "linear_scalar.cpp", "linear_avx2.cpp", "linear_avx512.cpp", "layer.cpp",
            "layer_math.cpp")
+SMALL_M = 128  # rows up to which the kernels beat MKL here (benchmarks/bench_cpu_linear.py); past it, MKL
 NAME = "cee_gen_cpu"  # the library's name, and its folder under TORCH_EXTENSIONS_DIR
 ISAS = ("scalar", "avx2", "avx512")  # index = the library's Isa enum
 
 LINEAR_F32_SCHEMA = "linear_f32(Tensor x, Tensor w, Tensor? bias) -> Tensor"
 LINEAR_Q_SCHEMA = "linear_q(Tensor x, Tensor qs, Tensor d, Tensor? m, str fmt, Tensor? bias) -> Tensor"
+DEQUANT_SCHEMA = "dequant(Tensor qs, Tensor d, Tensor? m, str fmt) -> Tensor"
 LAYER_SCHEMA = ("layer(Tensor h, Tensor?[] w, str fmts, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cos, "
                 "Tensor sin, Tensor slots, Tensor? rows, Tensor mask, int n_heads, int n_kv_heads, "
                 "float eps, Tensor? fill_h, Tensor? fill_slots, Tensor? fill_cos, Tensor? fill_sin, "
@@ -57,13 +62,21 @@ def linear_f32_ref(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) 
     return F.linear(x, w, bias)
 
 
+def dequant_ref(qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, fmt: str) -> torch.Tensor:
+    """Twin of cee_cpu::dequant."""
+    N, K = qs.shape[0], qs.shape[1] * (1 if fmt == "q8_0" else 2)
+    return lowbit.dequantize(QuantWeight(fmt, N, K, qs, d, m))
+
+
 # The low-level Library API rather than torch.library.custom_op: a much cheaper call (ops/__init__.py).
 _lib = torch.library.Library("cee_cpu", "DEF")
 _lib.define(LINEAR_F32_SCHEMA)
 _lib.define(LINEAR_Q_SCHEMA)
+_lib.define(DEQUANT_SCHEMA)
 _lib.define(LAYER_SCHEMA)  # a CPU kernel only (csrc/cpu/layer.cpp): callers check `ready` first
 _lib.impl("linear_f32", linear_f32_ref, "CompositeExplicitAutograd")
 _lib.impl("linear_q", linear_q_ref, "CompositeExplicitAutograd")
+_lib.impl("dequant", dequant_ref, "CompositeExplicitAutograd")
 
 
 @torch.library.register_fake("cee_cpu::linear_f32", lib=_lib)
@@ -74,6 +87,11 @@ def _(x, w, bias):
 @torch.library.register_fake("cee_cpu::linear_q", lib=_lib)
 def _(x, qs, d, m, fmt, bias):
     return x.new_empty((*x.shape[:-1], qs.shape[0]))
+
+
+@torch.library.register_fake("cee_cpu::dequant", lib=_lib)
+def _(qs, d, m, fmt):
+    return d.new_empty((qs.shape[0], qs.shape[1] * (1 if fmt == "q8_0" else 2)), dtype=torch.float32)
 
 
 @torch.library.register_fake("cee_cpu::layer", lib=_lib)
@@ -204,5 +222,13 @@ def linear_q(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None)
     return linear_q_ref(x, qw.qs, qw.d, qw.m, qw.fmt, bias)
 
 
-__all__ = ["available", "isa", "best_isa", "set_isa", "load", "linear_f32", "linear_q", "QuantWeight",
+def dequantize(qw: QuantWeight) -> torch.Tensor:
+    """The (N, K) fp32 weights of qw (a lowbit.QuantWeight on the CPU): the kernel, else its twin."""
+    if _so is not None or (not _tried and not torch.compiler.is_compiling() and load()):
+        return torch.ops.cee_cpu.dequant.default(qw.qs, qw.d, qw.m, qw.fmt)
+    return dequant_ref(qw.qs, qw.d, qw.m, qw.fmt)
+
+
+__all__ = ["available", "isa", "best_isa", "set_isa", "load", "linear_f32", "linear_q", "dequantize",
+           "QuantWeight",
            "lowbit", "why_not", "threads_used"]

@@ -8,7 +8,7 @@
 - `q8_0`, `q4_1`, `q4_0`: round-to-nearest quantization (ops/lowbit.py) of whatever was loaded.
 
 `QuantLinear` holds one projection's blocks (ops/lowbit.QuantWeight) and computes through the CPU
-kernel (ops/cpu.linear_q) for up to SMALL_M rows; past that (long prefills) it dequantizes a chunk of
+kernel (ops/cpu.linear_q) for up to cpu.SMALL_M rows; past that (long prefills) it dequantizes a chunk of
 rows at a time and lets MKL multiply, so no fp32 copy of a whole matrix exists at any time.
 `QuantEmbedding` looks up and dequantizes the rows of the tokens asked for; a tied head shares its
 blocks. Norms, biases, RoPE tables and the KV cache stay fp32.
@@ -28,10 +28,7 @@ from cee_gen.errors import CeeGenError
 from cee_gen.ops import cpu
 from cee_gen.ops.lowbit import QuantWeight, dequantize, format_name, quantize
 
-# rows up to which the kernel serves: as fast as fp32 MKL up to M = 256 here (docs/lowbit.md); past it,
-# long prefills, chunked dequantize + MKL
-SMALL_M = 512
-DENSE_CHUNK = 4096  # weight rows dequantized at once past SMALL_M: 9 MB at K = 576
+DENSE_CHUNK = 4096  # weight rows dequantized at once past cpu.SMALL_M rows of x: 9 MB at K = 576
 _PROJECTIONS = (("attention", "wqkv"), ("attention", "wo"), ("feed_forward", "w13"), ("feed_forward", "w2"))
 
 
@@ -56,7 +53,10 @@ class QuantLinear(nn.Module):
         self.lowrank.append((r0, A.float().contiguous(), (scale * B.float()).contiguous()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() <= SMALL_M * self.in_features:
+        # past cpu.SMALL_M rows (prefills of long or many prompts) a chunk of weight rows is dequantized at
+        # a time for MKL, which multiplies many rows faster than the kernel (that dequantizes each block
+        # again for every 8 rows), and computes the very products the fp32 engine's MKL path does
+        if x.numel() <= cpu.SMALL_M * self.in_features:
             y = cpu.linear_q(x, self.qweight, self.bias)  # (..., N)
         else:
             y = torch.cat([F.linear(x, w, b) for w, b in self._dense_chunks()], -1)
@@ -74,7 +74,7 @@ class QuantLinear(nn.Module):
             s = slice(r, r + DENSE_CHUNK)
             qw = QuantWeight(self.fmt, self.qs[s].shape[0], self.in_features, self.qs[s], self.d[s],
                              None if self.m is None else self.m[s])
-            yield dequantize(qw), None if self.bias is None else self.bias[s]
+            yield cpu.dequantize(qw), None if self.bias is None else self.bias[s]
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, K) weights as floats, LoRA terms included: a copy, for callers that need one."""

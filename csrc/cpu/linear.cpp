@@ -174,34 +174,58 @@ Fmt parse_fmt(c10::string_view s) {
               "': supported are q4_0, q4_1, q8_0");
 }
 
-at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
-                        const std::optional<at::Tensor>& m, c10::string_view fmt_s,
-                        const std::optional<at::Tensor>& bias) {
-  const Fmt fmt = parse_fmt(fmt_s);
+// The quants, scales and mins of one (N, K) weight in a block format, checked, as a Problem's W fields.
+void set_blocks(Problem& p, const at::Tensor& qs, const at::Tensor& d, const std::optional<at::Tensor>& m,
+                Fmt fmt, const char* op) {
   const bool q8 = fmt == Fmt::kQ8_0;
   TORCH_CHECK(qs.device().is_cpu() && qs.dim() == 2 && qs.is_contiguous() &&
                   qs.scalar_type() == (q8 ? at::kChar : at::kByte),
-              "cee_cpu::linear_q: ", fmt_name(fmt), " quants must be a contiguous ", q8 ? "int8 (N, K)" : "uint8 (N, K/2)",
+              op, ": ", fmt_name(fmt), " quants must be a contiguous ", q8 ? "int8 (N, K)" : "uint8 (N, K/2)",
               " CPU tensor, got ", qs.scalar_type(), " ", qs.sizes());
   const int64_t N = qs.size(0), K = q8 ? qs.size(1) : 2 * qs.size(1);
-  TORCH_CHECK(K % 32 == 0, "cee_cpu::linear_q: K=", K, " is not a multiple of the block size 32");
+  TORCH_CHECK(K % 32 == 0, op, ": K=", K, " is not a multiple of the block size 32");
   auto check_scales = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kHalf && t.is_contiguous() &&
                     t.sizes() == at::IntArrayRef({N, K / 32}),
-                "cee_cpu::linear_q: ", name, " must be a contiguous float16 (N, K/32) = (", N, ", ", K / 32,
+                op, ": ", name, " must be a contiguous float16 (N, K/32) = (", N, ", ", K / 32,
                 ") CPU tensor, got ", t.scalar_type(), " ", t.sizes());
   };
   check_scales(d, "d");
   if (fmt == Fmt::kQ4_1) {
-    TORCH_CHECK(m.has_value(), "cee_cpu::linear_q: q4_1 needs the mins m");
+    TORCH_CHECK(m.has_value(), op, ": q4_1 needs the mins m");
     check_scales(*m, "m");
   }
+  p.N = N;
+  p.K = K;
+  p.qs = qs.data_ptr();
+  p.d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  p.m = fmt == Fmt::kQ4_1 ? reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>()) : nullptr;
+}
+
+at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                        const std::optional<at::Tensor>& m, c10::string_view fmt_s,
+                        const std::optional<at::Tensor>& bias) {
+  const Fmt fmt = parse_fmt(fmt_s);
+  Problem w{};
+  set_blocks(w, qs, d, m, fmt, "cee_cpu::linear_q");
   Call c;
-  prepare(c, x, bias, N, K, fmt);
-  c.p.qs = qs.data_ptr();
-  c.p.d = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
-  c.p.m = fmt == Fmt::kQ4_1 ? reinterpret_cast<const uint16_t*>(m->data_ptr<at::Half>()) : nullptr;
+  prepare(c, x, bias, w.N, w.K, fmt);
+  c.p.qs = w.qs, c.p.d = w.d, c.p.m = w.m;
   return finish(c, fmt);
+}
+
+// The (N, K) fp32 weights of blocks, each block exactly as the kernels dequantize it (linear.h), rows split
+// over threads: long prefills multiply them with MKL a chunk of rows at a time (weights/lowbit.py).
+at::Tensor dequant_cpu(const at::Tensor& qs, const at::Tensor& d, const std::optional<at::Tensor>& m,
+                       c10::string_view fmt_s) {
+  const Fmt fmt = parse_fmt(fmt_s);
+  Problem w{};
+  set_blocks(w, qs, d, m, fmt, "cee_cpu::dequant");
+  at::Tensor out = at::empty({w.N, w.K}, d.options().dtype(at::kFloat));
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, w.N, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(w.K, 1)),
+                   [&](int64_t n0, int64_t n1) { dequant_rows(fmt, w, n0, n1, o); });
+  return out;
 }
 
 }  // namespace
@@ -209,6 +233,7 @@ at::Tensor linear_q_cpu(const at::Tensor& x, const at::Tensor& qs, const at::Ten
 TORCH_LIBRARY_IMPL(cee_cpu, CPU, m) {
   m.impl("linear_f32", &linear_f32_cpu);
   m.impl("linear_q", &linear_q_cpu);
+  m.impl("dequant", &dequant_cpu);
 }
 
 }  // namespace cee_cpu

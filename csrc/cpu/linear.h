@@ -40,6 +40,8 @@ using Kernel = void (*)(const Problem& p, int64_t n0, int64_t n1);
 constexpr int64_t kRowAlign = 24;
 
 Kernel scalar_kernel(Fmt fmt);
+// Rows [n0, n1) of a block-format W dequantized into out, (N, K) fp32 row-major (linear_scalar.cpp).
+void dequant_rows(Fmt fmt, const Problem& p, int64_t n0, int64_t n1, float* out);
 Kernel kernel_for(Fmt fmt);  // the variant of the ISA in use (linear.cpp)
 Isa current_isa();
 Kernel avx2_kernel(Fmt fmt);

@@ -81,7 +81,23 @@ void quant_rows(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
+template <Fmt F>
+void dequant_rows_of(const Problem& p, int64_t n0, int64_t n1, float* out) {
+  const int64_t nb = p.K / kQK;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < nb; ++b) dequant_block<F>(p, n, b, out + n * p.K + b * kQK);
+}
+
 }  // namespace
+
+void dequant_rows(Fmt fmt, const Problem& p, int64_t n0, int64_t n1, float* out) {
+  switch (fmt) {
+    case Fmt::kQ8_0: return dequant_rows_of<Fmt::kQ8_0>(p, n0, n1, out);
+    case Fmt::kQ4_0: return dequant_rows_of<Fmt::kQ4_0>(p, n0, n1, out);
+    case Fmt::kQ4_1: return dequant_rows_of<Fmt::kQ4_1>(p, n0, n1, out);
+    case Fmt::kF32: break;
+  }
+}
 
 Kernel scalar_kernel(Fmt fmt) {
   switch (fmt) {
