@@ -121,6 +121,8 @@ def main(argv=None) -> None:
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_cpu.jsonl")
+    ap.add_argument("--weights", default="fp", help="as cee-generate --weights (default fp: fp32 floats, "
+                    "as the committed results; the library's default is auto)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -130,7 +132,7 @@ def main(argv=None) -> None:
     from cee_gen.generate import encode_prompt
 
     engines = args.engines.split(",")
-    model = cee_gen.load_model(args.model, dtype=args.dtype, device="cpu")
+    model = cee_gen.load_model(args.model, dtype=args.dtype, device="cpu", weights=args.weights)
     prompts = [encode_prompt(model, p, None) for p in PROMPTS[:args.prompts]]
     runners = {}
     if "hf" in engines:

@@ -84,6 +84,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "strategies_cpu.jsonl")
+    ap.add_argument("--weights", default="fp", help="as cee-generate --weights (default fp: fp32 floats, "
+                    "as the committed results; the library's default is auto)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile: the plain step for full/static, the layers and exit heads of the "
                          "early-exit step for the others (compile time excluded)")
@@ -96,7 +98,7 @@ def main(argv=None) -> None:
     from cee_gen.engine import Decoder, generate_batch
     from cee_gen.generate import encode_prompt, prepare_exit
 
-    model = cee_gen.load_model(args.model, dtype="float32", device="cpu")
+    model = cee_gen.load_model(args.model, dtype="float32", device="cpu", weights=args.weights)
     net, L, tok = model.net, model.n_layers, model.tokenizer
     prompts = [encode_prompt(model, p, None) for p in PROMPTS[:args.prompts]]
     dec = Decoder(net, compile=args.compile)

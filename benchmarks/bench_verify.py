@@ -54,7 +54,7 @@ def curve(args) -> list[dict]:
     from cee_gen.engine import Decoder
     from cee_gen.engine.verify_pass import COLUMN_BUCKETS, pass_layers, pass_logits
 
-    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    model = cee_gen.load_model(None, dtype="float32", device="cpu", weights=args.weights)
     net, L = model.net, model.n_layers
     prompt = torch.randint(100, 20000, (1, 200), generator=torch.Generator().manual_seed(0))
     ks = list(range(0, args.max_k + 1))
@@ -118,7 +118,7 @@ def tasks(args) -> list[dict]:
     from cee_gen.generate import prepare_exit
 
     quick = str(Path(cee_gen.__file__).parent / "heads" / "smollm2-135m-instruct-quickfit.safetensors")
-    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    model = cee_gen.load_model(None, dtype="float32", device="cpu", weights=args.weights)
     tok, eos = model.tokenizer, model.eos_token_ids
     dec = Decoder(model.net, compile=True)
     runs = {}
@@ -212,7 +212,7 @@ def exactness(args) -> list[dict]:
     import cee_gen
     from cee_gen.ops import cpu
 
-    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    model = cee_gen.load_model(None, dtype="float32", device="cpu", weights=args.weights)
     tok = model.tokenizer
     ex = cee_gen.ExitConfig(verify=True, draft="ngram", max_draft=args.max_draft)
     sets = {ds: _test_prompts(args, ds, tok)[1] for ds in args.datasets.split(",")}
@@ -249,7 +249,7 @@ def lookup(args) -> list[dict]:
     import cee_gen
     from cee_gen.engine.verify import NgramIndex
 
-    model = cee_gen.load_model(None, dtype="float32", device="cpu")
+    model = cee_gen.load_model(None, dtype="float32", device="cpu", weights=args.weights)
     out = []
     for ds in args.datasets.split(","):
         prompts = _test_prompts(args, ds, model.tokenizer)[1]
@@ -299,6 +299,8 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs (default: curve 5, tasks 1)")
     ap.add_argument("--eager", action="store_true", help="curve: also the eager engine")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--weights", default="fp", help="as cee-generate --weights (default fp: fp32 floats, "
+                    "as the committed results; the library's default is auto)")
     ap.add_argument("--datasets", default="alpaca,dolly,cnndm")
     ap.add_argument("--data-dir", default=None, help="the sets' folder (default: $CEE_GEN_DATA, or the hub)")
     ap.add_argument("--limit", type=int, default=12, help="test rows per set")
