@@ -29,12 +29,9 @@ def hf_generate(hf, ids, **kw):
     return out[0, len(ids):].tolist()
 
 
-def test_custom_generate_gives_our_tokens_for_each_exit_setting(pair, tmp_path_factory):
-    hf, ours = pair
-    heads = make_random_policy_file(ours, tmp_path_factory)
-    settings = [None, ExitConfig(strategy="confidence", threshold=0.5),
-                ExitConfig(strategy="policy", heads=heads, threshold=0.5),
-                ExitConfig(verify=True, draft="ngram")]
+def same_tokens_as_ours(hf, ours, settings) -> dict[str, list]:
+    """custom_generate on `hf` gives our generate()'s tokens for every setting and prompt (greedy, 10 new
+    tokens); its outputs, by str(setting)."""
     outputs = {}
     for ex in settings:
         for p in PROMPTS:
@@ -44,6 +41,16 @@ def test_custom_generate_gives_our_tokens_for_each_exit_setting(pair, tmp_path_f
             assert got[:len(ref.token_ids)] == ref.token_ids, (ex, p)
             assert len(got) == len(ref.token_ids)  # nothing past an EOS but padding: here, none
             outputs.setdefault(str(ex), []).append(got)
+    return outputs
+
+
+def test_custom_generate_gives_our_tokens_for_each_exit_setting(pair, tmp_path_factory):
+    hf, ours = pair
+    heads = make_random_policy_file(ours, tmp_path_factory)
+    settings = [None, ExitConfig(strategy="confidence", threshold=0.5),
+                ExitConfig(strategy="policy", heads=heads, threshold=0.5),
+                ExitConfig(verify=True, draft="ngram")]
+    outputs = same_tokens_as_ours(hf, ours, settings)
     # the exits change tokens here, so transformers' own decoding could not have passed this test
     assert outputs[str(settings[1])] != outputs[str(None)] and outputs[str(settings[2])] != outputs[str(None)]
 
@@ -131,18 +138,10 @@ def test_custom_generate_on_qwen2_gives_our_tokens_at_full_depth_and_with_exits(
     assert ours.args.qkv_bias and not ours.args.o_bias and ours.args.n_kv_heads == 2
     settings = [None, ExitConfig(strategy="confidence", threshold=0.5),
                 ExitConfig(strategy="static", exit_layer=2)]
-    outputs = {}
-    for ex in settings:
-        for p in PROMPTS:
-            ids = ours.tokenizer(p)["input_ids"]
-            [ref] = cee_gen.generate(ours, p, max_new_tokens=10, chat=False, exit=ex)
-            got = hf_generate(hf, ids, max_new_tokens=10, exit=ex, eos_token_id=ours.eos_token_ids)
-            assert got[:len(ref.token_ids)] == ref.token_ids, (ex, p)
-            assert len(got) == len(ref.token_ids)
-            if ex is None:  # our full depth is transformers' own greedy decoding of the same weights
-                x = torch.tensor([ids])
-                own = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
-                                  eos_token_id=ours.eos_token_ids)
-                assert own[0, len(ids):].tolist() == got, p
-            outputs.setdefault(str(ex), []).append(got)
+    outputs = same_tokens_as_ours(hf, ours, settings)
+    for p, got in zip(PROMPTS, outputs[str(None)]):  # our full depth is transformers' own greedy decoding
+        x = torch.tensor([ours.tokenizer(p)["input_ids"]])
+        own = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                          eos_token_id=ours.eos_token_ids)
+        assert own[0, x.shape[1]:].tolist() == got, p
     assert all(outputs[str(ex)] != outputs[str(None)] for ex in settings[1:])
