@@ -192,10 +192,13 @@ def test_compiled_exit_step_gives_the_eager_tokens_and_exit_layers(model4, polic
             assert comp[0].stats["compile_s"] > 0  # the first run really compiled the pieces
 
 
-def test_compile_with_a_second_checkpoint_cascade_is_a_clear_error(model4, small2):
+def test_compile_with_a_second_checkpoint_cascade_is_a_clear_error(model4, small2, capsys):
+    """Refused before a compiled decoder is made: nothing says it compiles, none stays on the model."""
+    before = set(model4.decoders)
     with pytest.raises(cee_gen.CeeGenError, match="drop compile"):
         cee_gen.generate(model4, "hi", compile=True,
                          exit=ExitConfig(strategy="cascade", cascade_model=small2, threshold=0.5))
+    assert set(model4.decoders) == before and "compiling" not in capsys.readouterr().err
 
 
 def test_policy_without_policy_heads_names_the_fix(model4, tmp_path):

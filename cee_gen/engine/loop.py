@@ -30,6 +30,9 @@ from cee_gen.exits.cascade import CascadeModels
 from cee_gen.kv_fill import fill_kind
 from cee_gen.sampling import select_next
 
+CASCADE_COMPILE = ("compile does not work with a cascade over a second checkpoint (two models, each with "
+                   "its own catch-up shapes): drop compile")
+
 
 @torch.inference_mode()
 def generate_batch(
@@ -63,8 +66,7 @@ def generate_batch(
     kind = None if uniform is not None else CascadeModels if exit.small is not None else \
         fill_kind(exit.kv_fill, exit.deferred)
     if decoder.compiled and kind is CascadeModels:
-        raise CeeGenError("compile does not work with a cascade over a second checkpoint (two models, "
-                          "each with its own catch-up shapes): drop compile")
+        raise CeeGenError(CASCADE_COMPILE)
     # recompute and the cascade's catch-up pad their extra queries, and the deferred fill its
     # columns, to a scratch slot past every real one
     scratch = int(kind is not None and kind.needs_scratch)
