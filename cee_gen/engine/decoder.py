@@ -92,7 +92,8 @@ class Decoder:
         kv_fill None: the layers past depth need no fill (deferred, and no token runs them)."""
         filler = None
         if depth is not None and depth < self.net.args.n_layers and kv_fill is not None:
-            filler = self.filler()
+            # the kept one: weights_key walks every layer (~0.3 ms), so it is checked once a batch
+            filler = self._filler if self._filler is not None else self.filler()
         slots = torch.tensor([slot], device=tok.device)
         # Compiled: attend over the whole cache (its slot dimension is dynamic, see new_cache).
         # Eager: attend only over the filled slots, which saves reading the empty tail.
@@ -107,7 +108,8 @@ class Decoder:
 
     def filler(self) -> KVFiller:
         """The eager KV fill's filler for this model: kept between steps and batches (it holds copies of
-        the K/V weights), made again when those weights have changed (weights_key)."""
+        the K/V weights), made again when those weights have changed (weights_key). generate_batch and
+        make_fill call this once a batch; a step reuses what it returned."""
         if self._filler is None or self._filler.key != weights_key(self.net):
             self._filler = KVFiller(self.net)
         return self._filler
