@@ -22,7 +22,7 @@ import torch
 
 from cee_gen.config import ExitConfig, GenerationConfig
 from cee_gen.engine import Decoder, ExitRun, exit_histogram, generate_batch
-from cee_gen.engine.loop import CASCADE_COMPILE
+from cee_gen.engine.loop import check_compile
 from cee_gen.errors import CeeGenError
 from cee_gen.exits import ExitHeads, load_heads, make_strategy
 from cee_gen.exits.heads import default_operating_point
@@ -248,8 +248,7 @@ def generate(
     if cfg.compile and model.weights.quantized:
         raise CeeGenError(f"compile does not support {model.weights.quantized} (bitsandbytes) weights: drop "
                           "compile or load with quantize none")
-    if cfg.compile and run is not None and run.small is not None:
-        raise CeeGenError(CASCADE_COMPILE)  # before the decoder is made (and says it compiles)
+    check_compile(cfg.compile, run)
     decoder = _decoder(model, cfg.compile, cfg.compile_mode)
     results: list[GenerationResult] = []
     for start in range(0, len(encoded), cfg.batch_size):

@@ -30,8 +30,13 @@ from cee_gen.exits.cascade import CascadeModels
 from cee_gen.kv_fill import fill_kind
 from cee_gen.sampling import select_next
 
-CASCADE_COMPILE = ("compile does not work with a cascade over a second checkpoint (two models, each with "
-                   "its own catch-up shapes): drop compile")
+
+def check_compile(compile: bool, exit: ExitRun | None) -> None:
+    """compile with a cascade over a second checkpoint is refused (generate() asks before it makes the
+    compiled decoder, which announces its compile)."""
+    if compile and exit is not None and exit.small is not None:
+        raise CeeGenError("compile does not work with a cascade over a second checkpoint (two models, each "
+                          "with its own catch-up shapes): drop compile")
 
 
 @torch.inference_mode()
@@ -65,8 +70,7 @@ def generate_batch(
         exit.uniform_depth if decoder.compiled else None)
     kind = None if uniform is not None else CascadeModels if exit.small is not None else \
         fill_kind(exit.kv_fill, exit.deferred)
-    if decoder.compiled and kind is CascadeModels:
-        raise CeeGenError(CASCADE_COMPILE)
+    check_compile(decoder.compiled, exit)
     # recompute and the cascade's catch-up pad their extra queries, and the deferred fill its
     # columns, to a scratch slot past every real one
     scratch = int(kind is not None and kind.needs_scratch)
@@ -78,6 +82,8 @@ def generate_batch(
     logits = batch.prefill()
     if kind is None:
         kv_fill = None if exit is None or exit.deferred else exit.kv_fill
+        if kv_fill is not None and uniform < L:
+            decoder.filler()  # checked against the weights once a batch; the steps reuse it
 
         def next_step(cache, tok, ids, slot, pad, alive):
             return decoder.step(cache, tok, slot, pad, uniform, kv_fill), {}
