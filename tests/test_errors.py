@@ -100,7 +100,8 @@ def _exit(**kw):
 def _no_gpu(call):
     import torch
 
-    return pytest.param(call, marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA"))
+    why = "checks the error of a machine without a usable CUDA GPU; this one has one"
+    return pytest.param(call, marks=pytest.mark.skipif(torch.cuda.is_available(), reason=why))
 
 
 def _compiled_cascade(e):

@@ -173,6 +173,7 @@ def test_compiled_decode_step_gives_the_same_tokens_as_eager(tiny_model, mode, c
     """The compiled step (matmuls as fused multiply-sums) changes summation order, not results.
     reduce-overhead takes its CUDA-graph path (static cache, step marks, copied logits) on the CPU
     too, where torch records no graphs: this checks that path's plumbing; a GPU run its graphs."""
+    tiny_model.decoders.pop((True, mode), None)  # the shared model may hold one from an earlier test
     eager = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16, batch_size=2)
     compiled = cee_gen.generate(tiny_model, PROMPTS, max_new_tokens=16, batch_size=2, compile=True,
                                 compile_mode=mode)

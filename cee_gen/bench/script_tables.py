@@ -15,7 +15,9 @@ def cell(x, fmt="{:.2f}", none="-") -> str:
 
 
 def load_latest_run_of(recs: list[dict]) -> list[dict]:
-    """The records of the latest run in a file that runs append to."""
+    """The records of the latest run in a file that runs append to (none of none)."""
+    if not recs:
+        return []
     last = recs[-1]["timestamp"]
     return [r for r in recs if r["timestamp"] == last]
 
@@ -201,7 +203,7 @@ def lowbit_table(recs: list[dict]) -> str:
     """bench_lowbit.py: its latest decode run (engines per prompt, and their medians over prompts) and its
     latest --memory run."""
     dec_run = load_latest_run_of([r for r in recs if r["kind"] in ("roofline", "decode")])
-    mem = load_latest_run_of([r for r in recs if r["kind"] == "memory"] or [{"timestamp": None}])
+    mem = load_latest_run_of([r for r in recs if r["kind"] == "memory"])
     roof = next(r for r in dec_run if r["kind"] == "roofline")
     dec = [r for r in dec_run if r["kind"] == "decode"]
     r0 = dec[0]
@@ -233,8 +235,8 @@ def lowbit_table(recs: list[dict]) -> str:
                   *(_median_ratio(dec, secs, e, o) for o in ("ours-fp", "ours-fp-compiled", "llama.cpp"))]
                  for e in engines]),
     ]
-    qual = load_latest_run_of([r for r in recs if r["kind"] == "quality"] or [{"timestamp": None}])
-    if qual[0]["timestamp"] is not None:
+    qual = load_latest_run_of([r for r in recs if r["kind"] == "quality"])
+    if qual:
         q0 = qual[0]
         lines += ["", f"Quality of RTN blocks: cee-bench's CPU preset at full depth ({q0['rows']} test rows "
                   f"per set, {q0['new_tokens']} tokens), ROUGE-L F x100 against fp32's on the same rows "
@@ -245,7 +247,7 @@ def lowbit_table(recs: list[dict]) -> str:
                             f"{r['rougeL_fp']:.2f}",
                             f"{r['rougeL_delta']:+.2f} +- {r['rougeL_delta_se']:.2f}",
                             f"{r['rows_identical_to_fp']}/{r['rows']}"] for r in qual])]
-    if mem[0]["timestamp"] is not None:
+    if mem:
         lines += ["", f"Peak resident memory of one process, {mem[0]['new_tokens']} new tokens "
                   f"(ru_maxrss); commit `{mem[0]['commit']}`, {mem[0]['timestamp']}:", "",
                   *_table(["process", "peak RSS MB"],

@@ -194,12 +194,18 @@ def threads_used(tiles: int = 64) -> int:
     return _so.cee_cpu_threads_used(tiles) if load() else 0
 
 
+def _library() -> bool:
+    """Whether the library is loaded, loading it on the first call (never inside a compiled region: the
+    Decoder loads it before it compiles)."""
+    return _so is not None or not (_tried or torch.compiler.is_compiling() or not load())
+
+
 def _kernel_for(x: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     """Whether the kernel serves this call: fp32 CPU activations, no gradient wanted, library built.
     Otherwise the wrappers call the twin directly, which torch.compile then traces as plain code.
     (Kept cheap: a decode step makes ~120 of these calls.)"""
-    if _so is None and (_tried or torch.compiler.is_compiling() or not load()):
-        return False  # (not built inside a compiled region: the Decoder builds it before it compiles)
+    if not _library():
+        return False
     if x.dtype != torch.float32 or not x.is_cpu:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (a is not None and a.requires_grad)
@@ -224,11 +230,10 @@ def linear_q(x: torch.Tensor, qw: QuantWeight, bias: torch.Tensor | None = None)
 
 def dequantize(qw: QuantWeight) -> torch.Tensor:
     """The (N, K) fp32 weights of qw (a lowbit.QuantWeight on the CPU): the kernel, else its twin."""
-    if _so is not None or (not _tried and not torch.compiler.is_compiling() and load()):
+    if _library():
         return torch.ops.cee_cpu.dequant.default(qw.qs, qw.d, qw.m, qw.fmt)
     return dequant_ref(qw.qs, qw.d, qw.m, qw.fmt)
 
 
 __all__ = ["available", "isa", "best_isa", "set_isa", "load", "linear_f32", "linear_q", "dequantize",
-           "QuantWeight",
-           "lowbit", "why_not", "threads_used"]
+           "QuantWeight", "lowbit", "why_not", "threads_used"]
